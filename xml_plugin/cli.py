@@ -1,0 +1,129 @@
+"""Command line: ``python run.py --experiment_name NAME [--loss multi_similarity] [overrides ...]``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from . import config as C
+from . import registry
+
+EPILOG = """\
+config overrides (any key of the merged config, after the flags above):
+  --section.key VALUE          set a key; VALUE is YAML ('0.5', 'true', '[a, b]', '{name: contrastive}');
+                               a mapping VALUE is merged into the existing mapping
+  --section.key~replace VALUE  replace the key's value instead of merging
+  --section.key~delete         delete the key
+  examples: --trainer.batch_size 64   --loss.options '{margin: 0.2}'   --miner '{name: multi_similarity}'
+search markers (in YAML or on the command line) make a key searched by Optuna:
+  --loss_wrapper.options.lam '{search: float, low: 0.01, high: 10, log: true}'
+
+examples:
+  python run.py --experiment_name xml_ms --loss multi_similarity
+  python run.py --experiment_name smoke --loss multi_similarity --config_general smoke
+  python run.py --experiment_name xml_kanji --config_dataset kanji --methods baseline xml gsp
+  python run.py --compare experiments/xml_ms experiments/xml_contrastive
+  python run.py --list
+"""
+
+SHORTHANDS = {
+    "dataset": "dataset.name",
+    "dataset_root": "dataset.root",
+    "loss": "loss.name",
+    "trunk": "trunk.name",
+    "pooling": "pooling.name",
+    "device": "general.device",
+    "n_trials": "general.n_trials",
+    "reproductions": "general.reproductions",
+    "storage": "general.storage",
+    "seed": "general.seed",
+    "experiment_folder": "general.experiment_folder",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Fair-comparison benchmark of XML (cross-batch metric learning), GSP, XBN/AXBN and PML baselines: "
+                    "per method an Optuna search over the marked config keys (validation MAP@R over 4 class-disjoint "
+                    "folds), reproductions of the best configuration, and a comparison table with 95% intervals.")
+    p.add_argument("--experiment_name", help="the experiment folder's name; rerunning the same name resumes it")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="methods to compare (default from config: baseline xml); see --list")
+    for name in C.CATEGORIES:
+        p.add_argument(f"--{name}", nargs="+", metavar="NAME", default=None,
+                       help=f"YAML files of benchmark_configs/{name}/ merged in order over its default.yaml")
+    p.add_argument("--dataset", help="data set: cards (default), kanji, cub200, cars196, sop, inshop")
+    p.add_argument("--dataset_root", help="folder holding a real data set in its original format")
+    p.add_argument("--loss", help="PML loss name, e.g. multi_similarity, contrastive, triplet_margin, proxy_anchor")
+    p.add_argument("--trunk", help="mobilenet_v2 (default), efficientnet_lite0, resnet50, bninception")
+    p.add_argument("--pooling", help="pooling of the baseline: gap (default), gmp; methods set their own")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--n_trials", type=int, help="Optuna trials per searched method (the same budget for all)")
+    p.add_argument("--reproductions", type=int, help="trainings of the best configuration that are tested")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the experiment folder; "
+                                     "postgresql://user:pw@host/db for several workers)")
+    p.add_argument("--seed", type=int, help="base seed")
+    p.add_argument("--experiment_folder", help="parent folder of experiments (default: experiments)")
+    p.add_argument("--compare", nargs="+", metavar="EXP", help="make one table from several finished experiment folders")
+    p.add_argument("--list", action="store_true", help="list registered components and methods, then exit")
+    p.add_argument("--print_config", action="store_true", help="print the merged config and exit")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse(argv: Optional[List[str]] = None):
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides = C.parse_overrides(rest)
+    except C.ConfigError as exc:
+        parser.error(str(exc))
+    for flag, path in SHORTHANDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.insert(0, (path, value))
+    if args.methods:
+        overrides.insert(0, ("general.methods", list(args.methods)))
+    selection = {c: getattr(args, c) for c in C.CATEGORIES if getattr(args, c)}
+    return parser, args, selection, overrides
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser, args, selection, overrides = parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if args.list:
+            for kind, names in registry.describe().items():
+                print(f"{kind} ({len(names)}): {', '.join(names)}")
+            return 0
+        if args.compare:
+            from .protocol.report import compare
+            md, _ = compare(args.compare)
+            print(md)
+            return 0
+        cfg = C.load(selection, overrides)
+        if args.print_config:
+            import yaml
+            print(yaml.safe_dump(cfg, sort_keys=False))
+            return 0
+        if not args.experiment_name:
+            parser.error("--experiment_name is required (or --compare / --list / --print_config)")
+        from .protocol.experiment import Experiment
+        exp = Experiment(cfg, args.experiment_name, progress=not args.no_progress)
+        md = exp.run()
+        print(md)
+        print(f"report: {exp.folder / 'report.md'} (also report.csv, report.tex and plots)", file=sys.stderr)
+        return 0
+    except (C.ConfigError, registry.UnknownComponentError, FileNotFoundError, TypeError, ValueError) as exc:
+        if os.environ.get("XML_PLUGIN_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,282 @@
+"""Layered YAML configs, command-line overrides and search-space markers.
+
+A config is one nested dict. ``benchmark_configs/<category>/<name>.yaml`` files are merged in order
+(each category's ``default.yaml`` first, then the names chosen with ``--config_<category> NAME ...``),
+then the command-line overrides:
+
+* ``--a.b.c VALUE``          set a key (VALUE is parsed as YAML; a dict VALUE is merged into a dict)
+* ``--a.b~replace VALUE``    replace the key's value wholesale instead of merging
+* ``--a.b~delete``           delete the key
+
+A value of the form ``{search: float|int|categorical, low:, high:, log:, step:, choices:, default:}`` is a
+*search marker*: the protocol's Optuna study tunes it, with the dotted path as the parameter name.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "benchmark_configs"
+CATEGORIES = (
+    "config_general",
+    "config_dataset",
+    "config_models",
+    "config_loss_and_miners",
+    "config_optimizers",
+    "config_transforms",
+    "config_eval",
+    "config_search",
+)  # config_methods/ holds the methods' overlays: see xml_plugin.methods
+REPLACE, DELETE = "~replace", "~delete"
+SEARCH_TYPES = ("float", "int", "categorical")
+
+
+class ConfigError(ValueError):
+    """A config that cannot work, caught at start-up."""
+
+
+def config_root() -> Path:
+    return Path(os.environ.get("XML_PLUGIN_CONFIG_ROOT", CONFIG_ROOT))
+
+
+def available(category: str, root: Optional[Path] = None) -> List[str]:
+    folder = (root or config_root()) / category
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def load_yaml(path: Path) -> Dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """Recursive merge of ``over`` into a copy of ``base``. Keys ending in ``~replace`` replace, ``~delete`` delete.
+
+    A search marker is a leaf: it replaces whatever was there (and is replaced by a plain value).
+    """
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key.endswith(DELETE):
+            out.pop(key[: -len(DELETE)], None)
+        elif key.endswith(REPLACE):
+            out[key[: -len(REPLACE)]] = copy.deepcopy(value)
+        elif (isinstance(value, dict) and isinstance(out.get(key), dict)
+              and not is_search_marker(value) and not is_search_marker(out[key])):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_category(category: str, names: Sequence[str], root: Optional[Path] = None) -> Dict[str, Any]:
+    root = root or config_root()
+    cfg: Dict[str, Any] = {}
+    for name in names:
+        path = root / category / f"{name}.yaml"
+        if not path.is_file():
+            import difflib
+            choices = available(category, root)
+            close = difflib.get_close_matches(name, choices, n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"no config {name!r} in {category}: expected the file {path}.{hint} "
+                              f"Available: {', '.join(choices) or '(none)'}")
+        cfg = merge(cfg, load_yaml(path))
+    return cfg
+
+
+def load(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterable[Tuple[str, Any]] = (),
+         root: Optional[Path] = None) -> Dict[str, Any]:
+    """Merge every category's ``default`` then the selected names, then the overrides (in order)."""
+    root = root or config_root()
+    selection = dict(selection or {})
+    cfg: Dict[str, Any] = {}
+    for category in CATEGORIES:
+        names = list(selection.pop(category, None) or [])
+        base = ["default"] if (root / category / "default.yaml").is_file() else []
+        cfg = merge(cfg, load_category(category, base + [n for n in names if n != "default" or not base], root))
+    if selection:
+        raise ConfigError(f"unknown config categories {sorted(selection)}; categories are {', '.join(CATEGORIES)}")
+    for path, value in overrides:
+        cfg = apply_override(cfg, path, value)
+    return cfg
+
+
+def apply_override(cfg: Dict[str, Any], dotted: str, value: Any = None) -> Dict[str, Any]:
+    """Set ``a.b.c`` (merge), ``a.b.c~replace`` or delete ``a.b.c~delete`` in a copy of ``cfg``."""
+    mode = "merge"
+    for suffix, m in ((DELETE, "delete"), (REPLACE, "replace")):
+        if dotted.endswith(suffix):
+            dotted, mode = dotted[: -len(suffix)], m
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"bad config path {dotted!r}")
+    out = copy.deepcopy(cfg)
+    node = out
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            if mode == "delete":
+                return out
+            node[k] = {}
+        node = node[k]
+    last = keys[-1]
+    if mode == "delete":
+        node.pop(last, None)
+    elif (mode == "merge" and isinstance(value, dict) and isinstance(node.get(last), dict)
+          and not is_search_marker(value)):
+        node[last] = merge(node[last], value)
+    else:
+        node[last] = copy.deepcopy(value)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """Command-line value -> Python: YAML scalars, lists and flow mappings (``'{name: contrastive}'``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(argv: Sequence[str]) -> List[Tuple[str, Any]]:
+    """``["--a.b", "1", "--c~delete"]`` -> ``[("a.b", 1), ("c~delete", None)]``.
+
+    Several values after one key make a list (``--general.methods baseline xml``).
+    """
+    out: List[Tuple[str, Any]] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ConfigError(f"unexpected argument {tok!r}: overrides look like --section.key VALUE")
+        key = tok[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            out.append((key, parse_value(text)))
+            i += 1
+            continue
+        values = []
+        i += 1
+        while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2 and not _is_number(argv[i])):
+            values.append(parse_value(argv[i]))
+            i += 1
+        if key.endswith(DELETE):
+            if values:
+                raise ConfigError(f"--{key} takes no value")
+            out.append((key, None))
+        elif not values:
+            raise ConfigError(f"--{key} needs a value")
+        else:
+            out.append((key, values[0] if len(values) == 1 else values))
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def get_path(cfg: Dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def set_path(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------
+# search markers
+
+def is_search_marker(value: Any) -> bool:
+    return isinstance(value, dict) and "search" in value and value.get("search") in SEARCH_TYPES
+
+
+def validate_marker(path: str, marker: Dict[str, Any]) -> None:
+    kind = marker["search"]
+    if kind in ("float", "int"):
+        for k in ("low", "high"):
+            if k not in marker:
+                raise ConfigError(f"search marker {path}: a {kind} search needs '{k}' (got {marker})")
+        if not marker["low"] < marker["high"]:
+            raise ConfigError(f"search marker {path}: low must be < high (got {marker['low']}, {marker['high']})")
+        if marker.get("log") and marker["low"] <= 0:
+            raise ConfigError(f"search marker {path}: a log-scale search needs low > 0 (got {marker['low']})")
+    elif not marker.get("choices"):
+        raise ConfigError(f"search marker {path}: a categorical search needs a non-empty 'choices' list")
+
+
+def search_space(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Dict[str, Any]]:
+    """Every search marker in ``cfg`` by dotted path (the Optuna parameter names), in a stable order."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for key in cfg:
+        value = cfg[key]
+        path = f"{prefix}{key}"
+        if is_search_marker(value):
+            validate_marker(path, value)
+            out[path] = value
+        elif isinstance(value, dict):
+            out.update(search_space(value, path + "."))
+    return out
+
+
+def marker_default(marker: Dict[str, Any]) -> Any:
+    """The value used when a marked key is not searched: ``default``, else the (geometric) middle / first choice."""
+    if "default" in marker:
+        return marker["default"]
+    if marker["search"] == "categorical":
+        return marker["choices"][0]
+    low, high = marker["low"], marker["high"]
+    mid = math.sqrt(low * high) if marker.get("log") else (low + high) / 2
+    return int(round(mid)) if marker["search"] == "int" else mid
+
+
+def suggest(trial: Any, path: str, marker: Dict[str, Any]) -> Any:
+    """Ask an Optuna trial for a value of a marked key."""
+    kind = marker["search"]
+    if kind == "float":
+        return trial.suggest_float(path, float(marker["low"]), float(marker["high"]), log=bool(marker.get("log", False)),
+                                   step=marker.get("step"))
+    if kind == "int":
+        return trial.suggest_int(path, int(marker["low"]), int(marker["high"]), log=bool(marker.get("log", False)),
+                                 step=int(marker.get("step", 1)))
+    return trial.suggest_categorical(path, list(marker["choices"]))
+
+
+def resolve(cfg: Dict[str, Any], params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A concrete config: each marker replaced by ``params[path]`` when given, else by its default."""
+    params = params or {}
+    out = copy.deepcopy(cfg)
+    for path, marker in search_space(cfg).items():
+        set_path(out, path, params[path] if path in params else marker_default(marker))
+    unknown = set(params) - set(search_space(cfg))
+    if unknown:
+        raise ConfigError(f"parameters {sorted(unknown)} match no search marker in the config")
+    return out
+
+
+def dump(cfg: Dict[str, Any], path: Path) -> None:
+    """Write ``cfg`` as YAML atomically."""
+    from .engine.io import atomic_write_text
+    atomic_write_text(Path(path), yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False))

@@ -1,0 +1,327 @@
+"""Training of one model on one fold: sampler -> model -> (wrapped) PML loss -> optimizer, validation MAP@R,
+early stopping, atomic checkpoints every epoch, resume, record-keeper/TensorBoard logs."""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import registry
+from ..config import ConfigError
+from .evaluate import split_metrics
+from .io import atomic_torch_save, atomic_write_json, read_json
+from .model import EmbeddingModel, build_head
+
+OBJECTIVE = "mean_average_precision_at_r"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+class FeatureSource:
+    """Where the model's inputs come from: the frozen-trunk cache (``cache`` given) or decoded images."""
+
+    def __init__(self, dataset, cache=None, train_tf=None, eval_tf=None, num_workers: int = 0):
+        self.dataset, self.cache = dataset, cache
+        self.train_tf, self.eval_tf, self.num_workers = train_tf, eval_tf, num_workers
+
+    @property
+    def from_cache(self) -> bool:
+        return self.cache is not None
+
+    def _images(self, indices: Sequence[int], tf) -> torch.Tensor:
+        return torch.stack([tf(self.dataset.image(int(i))) for i in indices])
+
+    def train_batches(self, batches: List[np.ndarray], rng: np.random.Generator) -> Iterator[torch.Tensor]:
+        if self.from_cache:
+            for b in batches:
+                yield self.cache.train_features(b, rng.integers(0, self.cache.views, size=len(b)))
+        else:
+            loader = torch.utils.data.DataLoader(_TransformView(self.dataset, self.train_tf), batch_sampler=batches,
+                                                 num_workers=self.num_workers)
+            yield from loader
+
+    def eval_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            yield self.cache.eval_features(chunk) if self.from_cache else self._images(chunk, self.eval_tf)
+
+
+class _TransformView(torch.utils.data.Dataset):
+    def __init__(self, dataset, tf):
+        self.dataset, self.tf = dataset, tf
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.tf(self.dataset.image(int(i)))
+
+
+@dataclass
+class RunContext:
+    """What every fold of every trial shares: the data, its feature source and the pristine trunk."""
+
+    dataset: Any
+    labels: np.ndarray
+    source: FeatureSource
+    trunk: nn.Module
+    frozen_blocks: int
+    device: torch.device
+    progress: bool = True
+
+
+def build_with(kind: str, spec: Any, available: Dict[str, Any], *args) -> Any:
+    """Build a component, passing those of ``available`` (num_classes, embedding_size ...) that its constructor takes."""
+    name, opts = registry.split_spec(spec)
+    cls = registry.get(kind, name)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    extra = {k: v for k, v in available.items() if k in params and k not in opts}
+    return registry.build(kind, {"name": name, "options": opts}, *args, **extra)
+
+
+def build_loss(cfg: Dict[str, Any], num_classes: int, emb_size: int, histogram_size: Optional[int]) -> nn.Module:
+    """Base PML loss, optional miner, optional wrapper (XML, ZSR, XBM, XBN ...) from the config."""
+    avail = {"num_classes": num_classes, "embedding_size": emb_size}
+    loss = build_with("loss", cfg["loss"], avail)
+    miner = build_with("miner", cfg["miner"], avail) if cfg.get("miner") else None
+    wrapper_spec = cfg.get("loss_wrapper")
+    if not wrapper_spec:
+        return _PlainLoss(loss, miner)
+    avail.update({"loss": loss, "miner": miner, "histogram_size": histogram_size})
+    return build_with("loss_wrapper", wrapper_spec, avail)
+
+
+class _PlainLoss(nn.Module):
+    """A PML loss with an optional miner, called like the wrappers."""
+
+    needs_histograms = False
+
+    def __init__(self, loss: nn.Module, miner: Optional[nn.Module]):
+        super().__init__()
+        self.loss, self.miner = loss, miner
+
+    def forward(self, embeddings, labels):
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, indices)
+
+
+def check_compatible(model: EmbeddingModel, loss_module: nn.Module, cfg: Dict[str, Any]) -> None:
+    if getattr(loss_module, "needs_histograms", False) and not getattr(model.pooling, "gives_histogram", False):
+        wrapper = registry.split_spec(cfg["loss_wrapper"])[0]
+        pooling = registry.split_spec(cfg["pooling"])[0]
+        raise ConfigError(f"loss wrapper {wrapper!r} needs histograms, but pooling {pooling!r} gives none; "
+                          f"use pooling 'xml' or 'gsp' (e.g. --pooling xml)")
+
+
+def _freeze_bn(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def embed(model: EmbeddingModel, ctx: RunContext, indices: np.ndarray, batch_size: int = 128) -> torch.Tensor:
+    """Embeddings [len(indices), d] (evaluation mode, float32, on CPU)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for x in ctx.source.eval_batches(np.asarray(indices), batch_size):
+            out.append(model(x.to(ctx.device), from_cache=ctx.source.from_cache).embedding.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, model.pooling.dim)
+
+
+def evaluate_indices(model: EmbeddingModel, ctx: RunContext, indices: np.ndarray, batch_size: int = 128) -> Dict[str, float]:
+    emb = embed(model, ctx, indices, batch_size)
+    return split_metrics(emb, torch.as_tensor(ctx.labels[indices]))
+
+
+def make_batches(labels: np.ndarray, cfg: Dict[str, Any], iterations: int, seed: int) -> List[np.ndarray]:
+    """Index batches (positions into ``labels``) from the configured sampler (PML's MPerClassSampler by default)."""
+    tr = cfg["trainer"]
+    bs = int(tr["batch_size"])
+    np.random.seed(seed % (2 ** 32))
+    random.seed(seed)
+    spec = cfg.get("sampler") or {"name": "m_per_class", "options": {"m": 4}}
+    sampler = build_with("sampler", spec, {"labels": labels, "batch_size": bs, "length_before_new_iter": bs * iterations})
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    n_batches = len(order) // bs
+    if n_batches == 0:
+        raise ConfigError(f"the sampler gave {len(order)} indices, fewer than one batch of {bs}: "
+                          f"too few classes/images in the training fold for batch_size {bs} and m_per_class")
+    return [order[i * bs:(i + 1) * bs] for i in range(n_batches)]
+
+
+def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_idx: np.ndarray, run_dir: Path,
+               seed: int, desc: str = "", on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, Any]:
+    """Train on ``train_idx``, early-stop on ``val_idx`` MAP@R; resumable from ``run_dir``. Returns the result dict.
+
+    ``run_dir/result.json`` marks a finished run (returned as is), ``checkpoint.pt`` an unfinished one (resumed),
+    ``best.pt`` holds the best model's trainable weights.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "result.json").is_file():
+        return read_json(run_dir / "result.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tr = cfg["trainer"]
+    device = ctx.device
+    seed_everything(seed)
+    train_labels_global = ctx.labels[train_idx]
+    classes, train_labels = np.unique(train_labels_global, return_inverse=True)  # labels 0..C-1
+    model = build_head(cfg, ctx.trunk, ctx.frozen_blocks).to(device)
+    hist_size = getattr(model.pooling, "num_prototypes", None)
+    loss_module = build_loss(cfg, len(classes), model.pooling.dim, hist_size).to(device)
+    check_compatible(model, loss_module, cfg)
+
+    opt_name, opt_opts = registry.split_spec(cfg["optimizer"])
+    loss_lr = opt_opts.pop("loss_lr", None)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    loss_params = [p for p in loss_module.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, **({"lr": float(loss_lr)} if loss_lr else {})})
+    optimizer = registry.build("optimizer", {"name": opt_name, "options": opt_opts}, groups)
+    use_amp = bool(tr.get("amp", True)) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    state = {"epoch": 0, "best_value": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_metrics": None}
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_trainable_state_dict(ckpt["model"])
+        loss_module.load_state_dict(ckpt["loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["state"]
+
+    recorder = _Recorder(run_dir, enabled=bool(tr.get("logs", True)))
+    iters = int(tr["iterations_per_epoch"])
+    max_epochs = int(tr["max_epochs"])
+    patience = tr.get("patience")
+    clip = tr.get("grad_clip")
+    bar = tqdm(total=max_epochs * iters, initial=state["epoch"] * iters, desc=desc or "training", unit="it",
+               disable=not ctx.progress, leave=False)
+    try:
+        while state["epoch"] < max_epochs and not (patience is not None and state["bad_epochs"] > int(patience)):
+            epoch = state["epoch"]
+            rng = np.random.default_rng([seed, epoch])
+            batches = make_batches(train_labels, cfg, iters, seed * 1000 + epoch)
+            model.train()
+            loss_module.train()
+            if tr.get("freeze_bn", True):
+                _freeze_bn(model)
+            t0 = time.perf_counter()
+            losses = []
+            for it, x in enumerate(ctx.source.train_batches([train_idx[b] for b in batches], rng)):
+                y = torch.as_tensor(train_labels[batches[it]], device=device)
+                with torch.autocast(device_type="cuda", enabled=use_amp):
+                    out = model(x.to(device, non_blocking=True), from_cache=ctx.source.from_cache)
+                if getattr(loss_module, "needs_histograms", False):
+                    loss = loss_module(out.embedding.float(), y, histograms=out.histogram)
+                else:
+                    loss = loss_module(out.embedding.float(), y)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"training loss is {loss.item()} at epoch {epoch}, iteration {it}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], float(clip))
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(loss.item())
+                recorder.add("train", "loss", losses[-1], epoch * iters + it)
+                bar.update(1)
+            metrics = evaluate_indices(model, ctx, val_idx, int(cfg.get("eval", {}).get("batch_size", 128)))
+            value = metrics[OBJECTIVE]
+            entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0, **metrics}
+            state["history"].append(entry)
+            for k, v in metrics.items():
+                recorder.add("validation", k, v, epoch)
+            if value > state["best_value"]:
+                state.update(best_value=value, best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
+                atomic_torch_save(run_dir / "best.pt", {"model": model.trainable_state_dict(),
+                                                        "loss": loss_module.state_dict()})
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch + 1
+            recorder.save()
+            atomic_torch_save(ckpt_path, {"model": model.trainable_state_dict(), "loss": loss_module.state_dict(),
+                                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                          "state": state})
+            bar.set_postfix(loss=f"{entry['train_loss']:.3f}", map_r=f"{value:.3f}")
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    finally:
+        bar.close()
+        recorder.close()
+    result = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "val": state["best_metrics"],
+              "history": state["history"], "seed": seed, "num_train_classes": int(len(classes))}
+    atomic_write_json(run_dir / "result.json", result)
+    ckpt_path.unlink(missing_ok=True)  # the result and best.pt are all that is kept
+    return result
+
+
+def load_best(cfg: Dict[str, Any], ctx: RunContext, run_dir: Path) -> EmbeddingModel:
+    model = build_head(cfg, ctx.trunk, ctx.frozen_blocks).to(ctx.device)
+    ckpt = torch.load(Path(run_dir) / "best.pt", map_location=ctx.device, weights_only=False)
+    model.load_trainable_state_dict(ckpt["model"])
+    return model.eval()
+
+
+class _Recorder:
+    """record-keeper (CSV + SQLite under ``logs/``) and TensorBoard (``tensorboard/``) for one run."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.keeper = None
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            import record_keeper
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # pragma: no cover - both are declared dependencies
+            raise ImportError(f"logging needs record-keeper and tensorboard ({exc}); pip install record-keeper tensorboard")
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.keeper = record_keeper.RecordKeeper(tensorboard_writer=self.writer,
+                                                 record_writer=record_keeper.RecordWriter(str(run_dir / "logs")))
+
+    def add(self, group: str, series: str, value: float, iteration: int) -> None:
+        if self.keeper is not None:
+            self.keeper.append_data(group, series, value, iteration)
+
+    def save(self) -> None:
+        if self.keeper is not None:
+            self.keeper.save_records()
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

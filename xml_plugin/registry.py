@@ -1,0 +1,305 @@
+"""Name -> component registry: PML, torch and this project's parts, and the user's own.
+
+``register(kind, obj, name=None)`` adds a component (also usable as a decorator),
+``unregister(kind, name)`` removes it and ``get(kind, name)`` resolves a name. Class names
+(``MultiSimilarityLoss``) and snake_case names with or without the kind's suffix
+(``multi_similarity_loss``, ``multi_similarity``) all resolve to the same object. An unknown
+name raises :class:`UnknownComponentError`, which lists the close matches.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+KINDS = (
+    "trunk",
+    "pooling",
+    "embedder",
+    "loss",
+    "miner",
+    "loss_wrapper",
+    "sampler",
+    "optimizer",
+    "lr_scheduler",
+    "dataset",
+    "distance",
+    "reducer",
+    "method",
+)
+
+# suffixes stripped from class names to make the short snake_case alias, per kind
+_SUFFIXES = {
+    "loss": ("_loss",),
+    "miner": ("_miner",),
+    "sampler": ("_sampler",),
+    "distance": ("_distance",),
+    "reducer": ("_reducer",),
+    "pooling": ("_pooling",),
+    "trunk": ("_trunk",),
+    "loss_wrapper": ("_loss", "_wrapper"),
+}
+
+
+class UnknownComponentError(KeyError):
+    """A name that no registered component answers to."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])
+
+
+class _Entry:
+    __slots__ = ("name", "obj", "aliases")
+
+    def __init__(self, name: str, obj: Any, aliases: List[str]):
+        self.name, self.obj, self.aliases = name, obj, aliases
+
+
+_entries: Dict[str, Dict[str, _Entry]] = {k: {} for k in KINDS}  # kind -> canonical name -> entry
+_aliases: Dict[str, Dict[str, str]] = {k: {} for k in KINDS}  # kind -> normalised alias -> canonical
+_populated = False
+_populating = threading.RLock()
+
+
+def snake_case(name: str) -> str:
+    """``MultiSimilarityLoss`` -> ``multi_similarity_loss``; ``NTXentLoss`` -> ``ntxent_loss``."""
+    s = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s)
+    return s.replace("-", "_").lower()
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _entries:
+        raise ValueError(f"unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}")
+
+
+def _aliases_for(kind: str, obj: Any, name: Optional[str]) -> List[str]:
+    out = []
+    if name:
+        out.append(name)
+    cls_name = getattr(obj, "__name__", None)
+    if cls_name and not name:
+        out.append(cls_name)
+        snake = snake_case(cls_name)
+        out.append(snake)
+        for suffix in _SUFFIXES.get(kind, ()):
+            if snake.endswith(suffix) and len(snake) > len(suffix):
+                out.append(snake[: -len(suffix)])
+    elif cls_name and cls_name != name:
+        out.append(cls_name)
+    return out
+
+
+def register(kind: str, obj: Any = None, name: Optional[str] = None, *, overwrite: bool = True,
+             aliases: Optional[List[str]] = None):
+    """Register ``obj`` under ``kind``; returns ``obj`` so it also works as a decorator.
+
+    ``name`` is the canonical name (default: the short snake_case form of the class name).
+    Registering an existing name replaces it unless ``overwrite=False``.
+    """
+    _check_kind(kind)
+    if obj is None:  # decorator form
+        return lambda o: register(kind, o, name, overwrite=overwrite, aliases=aliases)
+    names = _aliases_for(kind, obj, name) + list(aliases or [])
+    if not names:
+        raise ValueError(f"register({kind!r}, ...) needs a name for {obj!r}")
+    # canonical: the given name, else the short snake_case alias (``multi_similarity``)
+    canonical = name if name else min(names[1:] or names, key=len)
+    key = _normalise(canonical)
+    if key in _aliases[kind] and not overwrite:
+        raise ValueError(f"{kind} {canonical!r} is already registered (pass overwrite=True to replace it)")
+    if key in _aliases[kind]:
+        _remove(kind, _aliases[kind][key])
+    entry = _Entry(canonical, obj, names)
+    _entries[kind][canonical] = entry
+    for alias in names:
+        a = _normalise(alias)
+        # a canonical name always wins over an alias of another component
+        if a not in _aliases[kind] or a == key:
+            _aliases[kind][a] = canonical
+    return obj
+
+
+def _remove(kind: str, canonical: str) -> None:
+    entry = _entries[kind].pop(canonical, None)
+    if entry is None:
+        return
+    for alias, target in list(_aliases[kind].items()):
+        if target == canonical:
+            del _aliases[kind][alias]
+
+
+def unregister(kind: str, name: str) -> None:
+    """Remove a component (by any of its names)."""
+    _ensure_populated()
+    _check_kind(kind)
+    canonical = _aliases[kind].get(_normalise(name))
+    if canonical is None:
+        raise _unknown(kind, name)
+    _remove(kind, canonical)
+
+
+def _unknown(kind: str, name: str) -> UnknownComponentError:
+    candidates = sorted(_entries[kind])
+    pool = sorted(set(candidates) | set(_aliases[kind]))
+    close = difflib.get_close_matches(_normalise(str(name)), pool, n=5, cutoff=0.5)
+    close = list(dict.fromkeys(_entries[kind][_aliases[kind][c]].name if c in _aliases[kind] else c for c in close))
+    msg = f"unknown {kind} {name!r}."
+    if close:
+        msg += f" Did you mean: {', '.join(close)}?"
+    msg += f" Registered {kind} names: {', '.join(candidates) if candidates else '(none)'}."
+    msg += f" A class of your own joins with xml_plugin.register({kind!r}, YourClass)."
+    return UnknownComponentError(msg)
+
+
+def get(kind: str, name: str) -> Any:
+    """The registered object for ``name`` (any alias, case-insensitive)."""
+    _ensure_populated()
+    _check_kind(kind)
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a string, got {name!r}")
+    canonical = _aliases[kind].get(_normalise(name))
+    if canonical is None:
+        raise _unknown(kind, name)
+    return _entries[kind][canonical].obj
+
+
+def canonical_name(kind: str, name: str) -> str:
+    get(kind, name)
+    return _aliases[kind][_normalise(name)]
+
+
+def names(kind: str) -> List[str]:
+    """Canonical names registered under ``kind``, sorted."""
+    _ensure_populated()
+    _check_kind(kind)
+    return sorted(_entries[kind])
+
+
+def split_spec(spec: Any) -> tuple:
+    """``"name"`` or ``{"name": ..., "options": {...}}`` (or options inline) -> (name, options)."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, dict):
+        if "name" not in spec:
+            raise ValueError(f"component spec {spec!r} has no 'name' key")
+        opts = dict(spec.get("options") or {})
+        for k, v in spec.items():
+            if k not in ("name", "options"):
+                opts[k] = v
+        return spec["name"], opts
+    raise TypeError(f"a component spec is a name or a dict with 'name', got {spec!r}")
+
+
+def build(kind: str, spec: Any, *args, **extra) -> Any:
+    """Instantiate a component from a spec; ``extra`` keyword arguments are added to the options.
+
+    Options the constructor does not take raise a ``TypeError`` that names the valid ones.
+    """
+    name, opts = split_spec(spec)
+    obj = get(kind, name)
+    opts = {**opts, **extra}
+    if not callable(obj):
+        return obj
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        bad = [k for k in opts if k not in sig.parameters]
+        if bad:
+            valid = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+            raise TypeError(f"{kind} {name!r} takes no option(s) {bad}; valid options: {valid}")
+    return obj(*args, **opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# built-ins
+
+def _register_module_classes(kind: str, module: Any, base: Any, skip: tuple = ()) -> None:
+    for attr in dir(module):
+        obj = getattr(module, attr)
+        if inspect.isclass(obj) and issubclass(obj, base) and obj is not base and attr not in skip:
+            if not attr.startswith("Base"):
+                register(kind, obj)
+
+
+def _populate_pml() -> None:
+    from pytorch_metric_learning import distances, losses, miners, reducers, samplers
+    from pytorch_metric_learning.losses.base_metric_loss_function import BaseMetricLossFunction
+
+    wrappers = ("CrossBatchMemory", "MultipleLosses", "SelfSupervisedLoss")
+    for attr in dir(losses):
+        obj = getattr(losses, attr)
+        if not inspect.isclass(obj) or not issubclass(obj, torch_module()):
+            continue
+        if attr.startswith("Base"):
+            continue
+        if attr in wrappers:
+            continue
+        if issubclass(obj, BaseMetricLossFunction) or attr.endswith("Loss"):
+            register("loss", obj)
+    register("loss_wrapper", losses.CrossBatchMemory, name="xbm")
+    from pytorch_metric_learning.miners.base_miner import BaseMiner
+    _register_module_classes("miner", miners, BaseMiner)
+    from pytorch_metric_learning.distances.base_distance import BaseDistance
+    _register_module_classes("distance", distances, BaseDistance)
+    from pytorch_metric_learning.reducers.base_reducer import BaseReducer
+    _register_module_classes("reducer", reducers, BaseReducer)
+    import torch.utils.data
+    _register_module_classes("sampler", samplers, torch.utils.data.Sampler)
+    register("sampler", samplers.MPerClassSampler, name="m_per_class")
+
+
+def torch_module():
+    import torch
+    return torch.nn.Module
+
+
+def _populate_torch() -> None:
+    import torch
+    for attr in dir(torch.optim):
+        obj = getattr(torch.optim, attr)
+        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
+            register("optimizer", obj, name=attr, aliases=[attr.lower()])
+    sched = torch.optim.lr_scheduler
+    for attr in dir(sched):
+        obj = getattr(sched, attr)
+        if inspect.isclass(obj) and attr[0].isupper() and attr not in ("LRScheduler", "_LRScheduler", "Optimizer"):
+            if hasattr(obj, "step"):
+                register("lr_scheduler", obj, name=attr, aliases=[snake_case(attr)])
+
+
+def _ensure_populated() -> None:
+    global _populated
+    if _populated:
+        return
+    with _populating:
+        if _populated:
+            return
+        _populated = True  # set first: our modules call register() while being imported
+        _populate_torch()
+        _populate_pml()
+        # our own components register themselves on import
+        import importlib
+        for mod in ("xml_plugin.models", "xml_plugin.losses", "xml_plugin.data", "xml_plugin.methods"):
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as exc:  # a sub-package not written yet
+                if exc.name != mod:
+                    raise
+
+
+def describe() -> Dict[str, List[str]]:
+    """All kinds with their canonical names: what ``run.py --list`` prints."""
+    return {k: names(k) for k in KINDS}
+
+
+__all__ = ["register", "unregister", "get", "names", "build", "split_spec", "canonical_name", "describe",
+           "UnknownComponentError", "KINDS", "snake_case"]
