@@ -336,3 +336,18 @@ def test_registered_names():
     with pytest.raises(TypeError):
         registry.build("loss_wrapper", {"name": "axbn", "no_such_option": 1}, loss=losses.ContrastiveLoss(),
                        embedding_size=D)
+
+
+def test_enqueue_mask_matches_pml():
+    ref = losses.CrossBatchMemory(losses.ContrastiveLoss(), D, memory_size=20)
+    ours = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=20, adaptation="none")
+    for e, y in make_batches(4):
+        mask = torch.arange(len(e)) % 2 == 0  # half the rows are stored, the other half are queries
+        assert torch.equal(ref(e, y, enqueue_mask=mask), ours(e, y, enqueue_mask=mask))
+    assert torch.equal(ref.embedding_memory, ours.embedding_memory)
+    xbn = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=20, adaptation="xbn", normalize=False)
+    (e1, y1), (e2, y2) = make_batches(2)
+    mask = torch.arange(len(e1)) < 6
+    xbn(e1, y1, enqueue_mask=mask)
+    xbn(e2, y2, enqueue_mask=mask)
+    assert torch.allclose(xbn.embedding_memory[:6].mean(0), e2[mask].mean(0), atol=1e-5)  # stats of the stored rows
