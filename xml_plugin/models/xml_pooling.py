@@ -1,0 +1,212 @@
+"""XML's prototype pooling: GAP embedding plus the histogram operator over prototypes (METHODS.md 1).
+
+The embedding is exactly GAP, ``z = (1/n) sum_i f_i``, in training and at evaluation (no inference cost).
+Beside it, each image gets a histogram ``h`` in the simplex: the share of its ``n = H*W`` local features
+assigned to each of ``m`` prototypes. The prototypes ``W`` [m, d] are the weights of a linear predictor
+``z ~= W^T h``, learnt without gradient by recursive least squares with forgetting over the training batches.
+
+Everything the recursion needs (``prototypes``, ``rls_p``, ``rls_q``, ``initialized``) is a buffer: it is
+saved in checkpoints and never touched by an optimizer.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..registry import register
+from .pooling import Pooling, PoolingOutput
+
+ASSIGNMENTS = ("hard", "soft")
+INITS = ("kmeans++", "kcenter")
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions for the math
+
+def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``||f - w||^2 = ||f||^2 - 2 f.w + ||w||^2`` for features [N, d] and prototypes [m, d] -> [N, m], float32+.
+
+    Clamped at 0 (the expansion can go slightly negative by rounding).
+    """
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    f, w = features.to(dtype), prototypes.to(dtype)
+    d2 = (f * f).sum(1, keepdim=True) - 2.0 * (f @ w.T) + (w * w).sum(1)[None, :]  # [N, m]
+    return d2.clamp_min(0.0)
+
+
+def prototype_histogram(local_features: torch.Tensor, prototypes: torch.Tensor, assignment: str = "hard",
+                        temperature: float = 0.1) -> torch.Tensor:
+    """Histogram operator (METHODS.md 1): local features [B, n, d] -> histograms [B, m], rows in the simplex.
+
+    ``hard``: ``h_k = (1/n) #{i : argmin_j ||f_i - w_j|| = k}`` (ties go to the lowest index; no gradient).
+    ``soft``: ``h_k = (1/n) sum_i softmax_k(-||f_i - w_k||^2 / temperature)`` (differentiable in the features).
+    Computed in float32 (also under autocast).
+    """
+    b, n, d = local_features.shape
+    m = prototypes.shape[0]
+    d2 = squared_distances(local_features.reshape(b * n, d), prototypes)  # [B*n, m]
+    if assignment == "hard":
+        nearest = d2.argmin(dim=1).view(b, n)  # [B, n]
+        counts = torch.zeros(b, m, dtype=d2.dtype, device=d2.device)
+        counts.scatter_add_(1, nearest, torch.ones_like(nearest, dtype=d2.dtype))  # integer counts, exact
+        return counts / n  # [B, m], entries k/n
+    if assignment == "soft":
+        weights = torch.softmax(-d2 / temperature, dim=1)  # [B*n, m]
+        return weights.view(b, n, m).mean(dim=1)  # [B, m]
+    raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+
+
+def rls_update(p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, z: torch.Tensor, forgetting: float,
+               ridge: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of recursive least squares with forgetting (METHODS.md 1, "prototype learning").
+
+    ``P = a P + H^T H``, ``Q = a Q + H^T Z``, ``W = (P + eps I)^-1 Q`` with ``p`` [m, m], ``q`` [m, d],
+    ``h`` [B, m], ``z`` [B, d]. Returns the new ``(P, Q, W)``; the solve runs in float64 (``m x m`` is small).
+    """
+    h32, z32 = h.to(p.dtype), z.to(q.dtype)
+    p_new = forgetting * p + h32.T @ h32  # [m, m]
+    q_new = forgetting * q + h32.T @ z32  # [m, d]
+    m = p.shape[0]
+    eye = torch.eye(m, dtype=torch.float64, device=p.device)
+    w = torch.linalg.solve(p_new.double() + ridge * eye, q_new.double())  # [m, d]
+    return p_new, q_new, w.to(q.dtype)
+
+
+def kmeans_pp_seeds(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """k-means++ seeding: ``k`` rows of ``points`` [N, d], each drawn with probability ~ squared distance to the
+    nearest seed already chosen. With fewer than ``k`` distinct points, once every point coincides with a seed
+    the remaining seeds are drawn uniformly (duplicates). Deterministic given torch's RNG (or ``generator``)."""
+    pts = points.float()
+    n = pts.shape[0]
+    idx = [int(torch.randint(n, (1,), generator=generator, device="cpu"))]
+    nearest = squared_distances(pts, pts[idx[0]][None]).squeeze(1)  # [N]
+    for _ in range(1, k):
+        total = nearest.sum()
+        if float(total) > 0.0:
+            probs = (nearest / total).cpu()
+        else:  # every point already is a seed: duplicate
+            probs = torch.full((n,), 1.0 / n)
+        j = int(torch.multinomial(probs, 1, generator=generator))
+        idx.append(j)
+        nearest = torch.minimum(nearest, squared_distances(pts, pts[j][None]).squeeze(1))
+    return points[torch.tensor(idx, device=points.device)]
+
+
+def kcenter_seeds(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """k-center (farthest point) seeding: a random first row of ``points`` [N, d], then repeatedly the row
+    farthest from the seeds chosen so far (ties: lowest index, so duplicates once all points are seeds)."""
+    pts = points.float()
+    n = pts.shape[0]
+    idx = [int(torch.randint(n, (1,), generator=generator, device="cpu"))]
+    nearest = squared_distances(pts, pts[idx[0]][None]).squeeze(1)  # [N]
+    for _ in range(1, k):
+        j = int(nearest.argmax())
+        idx.append(j)
+        nearest = torch.minimum(nearest, squared_distances(pts, pts[j][None]).squeeze(1))
+    return points[torch.tensor(idx, device=points.device)]
+
+
+_SEEDERS = {"kmeans++": kmeans_pp_seeds, "kcenter": kcenter_seeds}
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+
+@register("pooling", name="xml")
+class PrototypePooling(Pooling):
+    """XML pooling: ``embedding = GAP`` [B, d] and ``histogram`` [B, m] over ``num_prototypes`` prototypes.
+
+    Training forward: on the first call the prototypes are seeded from the batch's local features
+    (``init``), then each call returns the histogram computed with the current prototypes and afterwards
+    updates them by recursive least squares (:func:`rls_update`), without gradient.
+    Evaluation forward: no update; the histogram is returned too (for analysis) once initialised.
+    Before initialisation (an evaluation call on a fresh module) the pooling is plain GAP and returns
+    ``histogram=None``.
+
+    ``prior``: weight of the seeds in the recursion state (``P_0 = prior I``, ``Q_0 = prior W_0``, so that
+    ``W(P_0, Q_0) = prior / (prior + ridge) W_0 ~= W_0``: the usual RLS start from a prior). It keeps
+    prototypes that no local feature visits near their seed instead of collapsing them to 0; it fades with
+    the forgetting factor.
+    ``prior=0`` is the literal recursion from an empty state.
+    """
+
+    gives_histogram = True
+
+    def __init__(self, dim: int, num_prototypes: int = 64, assignment: str = "hard", temperature: float = 0.1,
+                 forgetting: float = 0.99, ridge: float = 1e-3, init: str = "kmeans++", prior: float = 1.0):
+        super().__init__(dim)
+        if isinstance(num_prototypes, bool) or int(num_prototypes) != num_prototypes or num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be an integer >= 1, got {num_prototypes!r}")
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not 0 < forgetting <= 1:
+            raise ValueError(f"forgetting must be in (0, 1], got {forgetting!r}")
+        if not ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {ridge!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not prior >= 0:
+            raise ValueError(f"prior must be >= 0, got {prior!r}")
+        self.num_prototypes = int(num_prototypes)
+        self.assignment = assignment
+        self.temperature = float(temperature)
+        self.forgetting = float(forgetting)
+        self.ridge = float(ridge)
+        self.init = init
+        self.prior = float(prior)
+        m, d = self.num_prototypes, self.dim
+        self.register_buffer("prototypes", torch.zeros(m, d))  # W [m, d]
+        self.register_buffer("rls_p", torch.zeros(m, m))  # P [m, m]
+        self.register_buffer("rls_q", torch.zeros(m, d))  # Q [m, d]
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_prototypes={self.num_prototypes}, assignment={self.assignment!r}, "
+                f"temperature={self.temperature}, forgetting={self.forgetting}, ridge={self.ridge}, "
+                f"init={self.init!r}, prior={self.prior}")
+
+    @torch.no_grad()
+    def initialize(self, local_features: torch.Tensor) -> None:
+        """Seed the prototypes from local features [N, d] (detached) and reset the recursion state."""
+        seeds = _SEEDERS[self.init](local_features.detach().float(), self.num_prototypes)  # [m, d]
+        self.prototypes.copy_(seeds)
+        eye = torch.eye(self.num_prototypes, device=self.rls_p.device, dtype=self.rls_p.dtype)
+        self.rls_p.copy_(self.prior * eye)
+        self.rls_q.copy_(self.prior * seeds)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update(self, histogram: torch.Tensor, embedding: torch.Tensor) -> None:
+        """One RLS step on a batch: histograms [B, m], GAP embeddings [B, d]."""
+        p, q, w = rls_update(self.rls_p, self.rls_q, histogram.detach(), embedding.detach(), self.forgetting,
+                             self.ridge)
+        self.rls_p.copy_(p)
+        self.rls_q.copy_(q)
+        self.prototypes.copy_(w)
+
+    def forward(self, feature_map: torch.Tensor) -> PoolingOutput:
+        if feature_map.dim() != 4 or feature_map.shape[1] != self.dim:
+            raise ValueError(f"PrototypePooling(dim={self.dim}) expects a feature map [B, {self.dim}, H, W], "
+                             f"got {tuple(feature_map.shape)}")
+        embedding = feature_map.mean(dim=(2, 3))  # [B, d], exactly GAP
+        if not bool(self.initialized) and not self.training:
+            return PoolingOutput(embedding, None)
+        b, d, hgt, wid = feature_map.shape
+        with torch.autocast(device_type=feature_map.device.type, enabled=False):
+            local = feature_map.float().flatten(2).transpose(1, 2)  # [B, n, d]
+            if not bool(self.initialized):
+                self.initialize(local.reshape(-1, d))
+            # a copy: the update below overwrites the buffer that a soft histogram's graph holds on to
+            prototypes = self.prototypes.clone() if self.training else self.prototypes
+            histogram = prototype_histogram(local, prototypes, self.assignment, self.temperature)  # [B, m]
+            if self.training:
+                self.update(histogram, embedding.float())
+        return PoolingOutput(embedding, histogram)
+
+
+__all__ = ["PrototypePooling", "prototype_histogram", "rls_update", "squared_distances", "kmeans_pp_seeds",
+           "kcenter_seeds"]
