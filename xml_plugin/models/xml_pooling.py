@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import nn
 
 from ..registry import register
 from .pooling import Pooling, PoolingOutput
