@@ -204,7 +204,7 @@ def _build_cards(tmp: Path, decks: Sequence[str], image_size: int, deck_dir: Pat
 
     tasks = [(deck, card) for deck in decks for card in CARD_IDS]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rels = list(tqdm(pool.map(one, tasks), total=len(tasks), desc="building cards", unit="card"))
+        rels = list(tqdm(pool.map(one, tasks), total=len(tasks), desc="building cards", unit="card", mininterval=1.0))
     shutil.rmtree(tmp / "svg")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
     return {"class_names": list(CARD_IDS),
@@ -325,7 +325,7 @@ def _build_kanji(tmp: Path, fonts: Sequence[str], num_classes: int, image_size: 
         candidates = [candidates[i] for i in np.random.default_rng(seed).permutation(len(candidates))]
     faces = [ImageFont.truetype(str(p), round(0.75 * image_size), index=i) for p, i in files]
     chosen: List[Tuple[int, List[Image.Image]]] = []
-    bar = tqdm(total=num_classes, desc="building kanji", unit="class")
+    bar = tqdm(total=num_classes, desc="building kanji", unit="class", mininterval=1.0)
     for cp in candidates:  # keep a code point only if every font draws ink for it
         imgs = [render_glyph(face, chr(cp), image_size) for face in faces]
         if all(im is not None for im in imgs):

@@ -7,7 +7,7 @@ its query/gallery partition. Images are decoded lazily with PIL.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,9 +77,6 @@ class _RealDataset(DMLDataset):
     def __init__(self, transform: Optional[Callable] = None):
         super().__init__(transform)
         self.root: Optional[Path] = None
-
-    def options(self) -> Dict:
-        return {}
 
 
 class CUB200(_RealDataset):
