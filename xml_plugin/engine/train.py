@@ -220,6 +220,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
+        torch.set_rng_state(ckpt["torch_rng"])
 
     recorder = _Recorder(run_dir, enabled=bool(tr.get("logs", True)))
     iters = int(tr["iterations_per_epoch"])
@@ -275,7 +276,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
             recorder.save()
             atomic_torch_save(ckpt_path, {"model": model.trainable_state_dict(), "loss": loss_module.state_dict(),
                                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                          "state": state})
+                                          "state": state, "torch_rng": torch.get_rng_state()})
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", map_r=f"{value:.3f}")
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
