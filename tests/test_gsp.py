@@ -252,3 +252,14 @@ def test_short_training_run_lowers_the_loss():
         last = step().item()
     assert wrapper.last_zsr_loss > 0
     assert last < 0.7 * first, (first, last)
+
+
+def test_xml_wrapper_accepts_gsp_histograms():
+    from xml_plugin.losses.cross_batch import CrossBatchMetricLoss
+    torch.manual_seed(0)
+    pool = GeneralizedSumPooling(6, num_prototypes=5, init="random")
+    x = torch.randn(8, 6, 3, 3, requires_grad=True)
+    out = pool(x)
+    wrapper = CrossBatchMetricLoss(_ms_loss(), lam=1.0)
+    wrapper(out.embedding, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), histograms=out.histogram).backward()
+    assert wrapper.last_xml_loss > 0 and pool.prototypes.grad.abs().sum() > 0
