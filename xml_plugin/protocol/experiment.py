@@ -149,10 +149,14 @@ class Experiment:
         search = self.cfg.get("search", {})
         pruner = optuna.pruners.MedianPruner(n_startup_trials=int(search.get("pruner_startup_trials", 3))) \
             if g.get("pruner", "none") == "median" else optuna.pruners.NopPruner()
-        sampler = optuna.samplers.TPESampler(seed=int(search.get("seed", g.get("seed", 0))),
-                                             n_startup_trials=int(search.get("n_startup_trials", 5)))
         return optuna.create_study(study_name=f"{self.name}.{method}.{part}", storage=self.storage, direction="maximize",
-                                   sampler=sampler, pruner=pruner, load_if_exists=True)
+                                   sampler=self.sampler(0), pruner=pruner, load_if_exists=True)
+
+    def sampler(self, slot: int) -> optuna.samplers.BaseSampler:
+        """TPE, seeded by the search seed and the slot."""
+        search = self.cfg.get("search", {})
+        seed = int(search.get("seed", self.cfg["general"].get("seed", 0))) + 7919 * slot
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(search.get("n_startup_trials", 5)))
 
     def n_trials(self, method: str) -> int:
         return int(self.cfg["general"]["n_trials"]) if C.search_space(method_config(self.cfg, method)) else 1
@@ -167,6 +171,8 @@ class Experiment:
         n = self.n_trials(method)
 
         def work(trial: optuna.Trial, slot: int) -> float:
+            # seeded per slot: a resumed search proposes what an uninterrupted one would have
+            study.sampler = self.sampler(slot)
             params = {path: C.suggest(trial, path, marker) for path, marker in space.items()}
             ccfg = C.resolve(mcfg, params)
             values = []

@@ -14,8 +14,14 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+import warnings
+
 import optuna
 from optuna.trial import TrialState
+
+# heartbeats with ask/tell are what this module is for; Optuna's experimental/deprecation notices about them are noise
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message=".*failed_trial_callback.*|.*RetryFailedTrialCallback.*|.*Heartbeat of storage.*")
 
 SLOT, REASON = "slot", "fail_reason"
 SURPLUS, NONFINITE = "surplus", "nonfinite"

@@ -1,0 +1,206 @@
+"""The fair-comparison protocol end to end on tiny data: search budgets, reproductions, report, resume after kill -9,
+NaN trials, several workers sharing one storage (SQLite here; PostgreSQL when XML_PLUGIN_TEST_POSTGRES_URL is set)."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+import xml_plugin
+from xml_plugin import config as C
+from xml_plugin.protocol import slots
+from xml_plugin.protocol.experiment import Experiment
+
+from conftest import as_cli_args, tiny_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = Path(__file__).resolve().parent / "tiny.py"
+
+
+def _trials(exp, method, part="search"):
+    return exp.study(method, part).get_trials(deepcopy=False)
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_full_job_budgets_reproductions_report(tiny_cfg):
+    cfg = tiny_cfg(**{"general.n_trials": 3})
+    exp = Experiment(cfg, "full", progress=False)
+    md = exp.run()
+    # the same budget for every method that searches; a method with nothing to search runs once
+    xml_done = [t for t in _trials(exp, "xml") if t.state == optuna.trial.TrialState.COMPLETE]
+    base_done = [t for t in _trials(exp, "baseline") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(xml_done) == 3 and len(base_done) == 1
+    assert {t.user_attrs["slot"] for t in xml_done} == {0, 1, 2}
+    assert all("loss_wrapper.options.lam" in t.params and 0.01 <= t.params["loss_wrapper.options.lam"] <= 10 for t in xml_done)
+    assert base_done[0].params == {}
+    # each trial's value is the mean of its folds' validation MAP@R
+    for t in xml_done:
+        folds = [t.user_attrs[f"fold{f}"]["mean_average_precision_at_r"] for f in range(4)]
+        assert t.value == pytest.approx(sum(folds) / 4)
+    reps = [t for t in _trials(exp, "xml", "reproductions") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["seed"] for t in reps) == [1000, 2000]
+    rows = _csv(exp.folder / "report.csv")
+    assert list(rows[0]) == ["dataset", "method", "embedding", "metric", "mean", "ci95", "n"]
+    assert len(rows) == 2 * 2 * 3 and {r["n"] for r in rows} == {"2"}
+    # the separate mean is the mean over reproductions of the folds' mean
+    sep = [r for r in rows if r["method"] == "xml" and r["embedding"] == "separate" and r["metric"] == "precision_at_1"][0]
+    expect = sum(t.user_attrs["separate"]["precision_at_1"] for t in reps) / 2
+    assert float(sep["mean"]) == pytest.approx(expect)
+    assert "baseline" in md and "xml" in md and (exp.folder / "report.tex").is_file()
+    for name in ("optimization_history.png", "final_metrics.png", "retrieval_xml.png", "objective_vs_lam.png"):
+        assert (exp.folder / name).stat().st_size > 1000, name
+    assert (exp.folder / "splits.json").is_file() and (exp.folder / "config.yaml").is_file()
+    # rerunning the finished job trains nothing and makes the same report
+    before = (exp.folder / "report.csv").read_text()
+    runs = sorted(p for p in (exp.folder / "runs").rglob("result.json"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    Experiment(cfg, "full", progress=False).run()
+    assert (exp.folder / "report.csv").read_text() == before
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+
+
+def test_nonfinite_trials_fail_with_reason_and_the_study_goes_on(tiny_cfg):
+    class SometimesNan(torch.nn.Module):
+        def __init__(self, explode: bool = False):
+            super().__init__()
+            self.explode = explode
+            self.inner = xml_plugin.build("loss", "multi_similarity")
+
+        def forward(self, embeddings, labels, indices_tuple=None):
+            loss = self.inner(embeddings, labels, indices_tuple)
+            return loss * float("nan") if self.explode else loss
+
+    xml_plugin.register("loss", SometimesNan, name="sometimes_nan")
+    try:
+        cfg = tiny_cfg(**{"general.methods": ["baseline"], "general.n_trials": 4, "general.reproductions": 1,
+                          "loss": {"name": "sometimes_nan",
+                                   "options": {"explode": {"search": "categorical", "choices": [False, True]}}}})
+        exp = Experiment(cfg, "nan", progress=False)
+        exp.run()
+        trials = [t for t in _trials(exp, "baseline") if t.user_attrs.get("fail_reason") != "surplus"]
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert failed and done and len(failed) + len(done) == 4
+        assert all(t.params["loss.options.explode"] for t in failed)
+        assert all(t.user_attrs["fail_reason"].startswith("nonfinite") and "nan" in t.user_attrs["fail_reason"] for t in failed)
+        assert not any(t.params["loss.options.explode"] for t in done)
+    finally:
+        xml_plugin.unregister("loss", "sometimes_nan")
+
+
+def test_slots_are_claimed_once_even_when_two_trials_race(tmp_path):
+    storage = slots.make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    a, b = study.ask(), study.ask()  # two workers asked at the same time
+    assert slots.claim(study, a, 2) == 0
+    assert slots.claim(study, b, 2) == 1
+    c = study.ask()
+    assert slots.claim(study, c, 2) is None  # budget of 2 exhausted
+    assert study.trials[c.number].user_attrs["fail_reason"] == "surplus"
+    # a rival that claimed the same slot with a smaller number wins
+    d = study.ask()
+    d.set_user_attr("slot", 0)
+    assert slots.claim(study, d, 3) is None
+
+
+def _tiny_cmd(tmp_path, name, *extra):
+    return [sys.executable, str(TINY), "--experiment_name", name, "--no_progress",
+            *as_cli_args(tiny_overrides(tmp_path, **{"trainer.max_epochs": 3, "trainer.iterations_per_epoch": 10})),
+            *extra]
+
+
+def _wait_for(pred, timeout, what):
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def test_kill_9_mid_trial_then_resume_gives_the_uninterrupted_report(tmp_path):
+    clean = subprocess.run(_tiny_cmd(tmp_path / "a", "job"), cwd=REPO, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    folder = tmp_path / "b" / "experiments" / "job"
+    proc = subprocess.Popen(_tiny_cmd(tmp_path / "b", "job"), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:  # kill -9 in the middle of an XML search trial: some folds done, one with a checkpoint
+        _wait_for(lambda: len(list((folder / "runs" / "xml").glob("*/result.json"))) >= 1
+                  and list((folder / "runs" / "xml").glob("*/checkpoint.pt")), 300, "a mid-trial checkpoint")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    exp_cfg = C.load({}, tiny_overrides(tmp_path / "b"))
+    exp = Experiment(exp_cfg, "job", progress=False)
+    assert any(t.state == optuna.trial.TrialState.RUNNING for t in _trials(exp, "xml"))
+    resumed = subprocess.run(_tiny_cmd(tmp_path / "b", "job"), cwd=REPO, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (folder / "report.csv").read_text() == (tmp_path / "a" / "experiments" / "job" / "report.csv").read_text()
+    trials = _trials(exp, "xml")
+    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+    died = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") != "surplus"]
+    assert len(died) == 1  # the killed trial was failed, and retried with its slot and parameters
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == died[0].number]
+    assert retried and retried[0].params == died[0].params and retried[0].user_attrs["slot"] == died[0].user_attrs["slot"]
+
+
+def _storage_urls(tmp_path):
+    urls = [f"sqlite:///{tmp_path / 'shared.db'}"]
+    if os.environ.get("XML_PLUGIN_TEST_POSTGRES_URL"):
+        urls.append(os.environ["XML_PLUGIN_TEST_POSTGRES_URL"])
+    return urls
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_the_work_one_killed(tmp_path, backend):
+    if backend == "postgresql":
+        url = os.environ.get("XML_PLUGIN_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("set XML_PLUGIN_TEST_POSTGRES_URL (bash .ci/run starts a PostgreSQL server and sets it)")
+    else:
+        url = f"sqlite:///{tmp_path / 'shared.db'}"
+    name = f"w{uuid.uuid4().hex[:8]}"  # a fresh study name in a shared database
+    cmd = _tiny_cmd(tmp_path, name, "--storage", url, "--general.n_trials", "4")
+    w1 = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    w2 = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "experiments" / name
+    try:
+        _wait_for(lambda: list((folder / "runs" / "xml").glob("*/checkpoint.pt")) if (folder / "runs" / "xml").is_dir()
+                  else False, 300, "an XML trial in progress")
+        w2.send_signal(signal.SIGKILL)  # one worker dies mid-trial
+        w2.wait()
+        out, err = w1.communicate(timeout=900)
+        assert w1.returncode == 0, err[-3000:]
+    finally:
+        for w in (w1, w2):
+            if w.poll() is None:
+                w.kill()
+    cfg = C.load({}, tiny_overrides(tmp_path, **{"general.storage": url, "general.n_trials": 4}))
+    exp = Experiment(cfg, name, progress=False)
+    xml_trials = _trials(exp, "xml")
+    complete = [t for t in xml_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and sorted(t.user_attrs["slot"] for t in complete) == [0, 1, 2, 3]
+    assert len([t for t in _trials(exp, "baseline") if t.state == optuna.trial.TrialState.COMPLETE]) == 1
+    reps = [t for t in _trials(exp, "xml", "reproductions") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["slot"] for t in reps) == [0, 1]
+    rows = _csv(folder / "report.csv")
+    assert len(rows) == 12 and {r["n"] for r in rows} == {"2"}
