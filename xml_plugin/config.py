@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -40,6 +41,16 @@ class ConfigError(ValueError):
     """A config that cannot work, caught at start-up."""
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 rules need ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
 def config_root() -> Path:
     return Path(os.environ.get("XML_PLUGIN_CONFIG_ROOT", CONFIG_ROOT))
 
@@ -51,7 +62,7 @@ def available(category: str, root: Optional[Path] = None) -> List[str]:
 
 def load_yaml(path: Path) -> Dict[str, Any]:
     with open(path) as f:
-        data = yaml.safe_load(f)
+        data = yaml.load(f, Loader=_Loader)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -69,13 +80,20 @@ def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
         if key.endswith(DELETE):
             out.pop(key[: -len(DELETE)], None)
         elif key.endswith(REPLACE):
-            out[key[: -len(REPLACE)]] = copy.deepcopy(value)
+            out[key[: -len(REPLACE)]] = _fresh(value)
         elif (isinstance(value, dict) and isinstance(out.get(key), dict)
               and not is_search_marker(value) and not is_search_marker(out[key])):
             out[key] = merge(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _fresh(value)
     return out
+
+
+def _fresh(value: Any) -> Any:
+    """A copy of ``value`` in which nested ``~replace``/``~delete`` keys are applied (not kept as literal keys)."""
+    if isinstance(value, dict) and not is_search_marker(value):
+        return merge({}, value)
+    return copy.deepcopy(value)
 
 
 def load_category(category: str, names: Sequence[str], root: Optional[Path] = None) -> Dict[str, Any]:
@@ -135,14 +153,14 @@ def apply_override(cfg: Dict[str, Any], dotted: str, value: Any = None) -> Dict[
           and not is_search_marker(value)):
         node[last] = merge(node[last], value)
     else:
-        node[last] = copy.deepcopy(value)
+        node[last] = _fresh(value)
     return out
 
 
 def parse_value(text: str) -> Any:
     """Command-line value -> Python: YAML scalars, lists and flow mappings (``'{name: contrastive}'``)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
 
@@ -236,6 +254,9 @@ def search_space(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Dict[str, A
         if is_search_marker(value):
             validate_marker(path, value)
             out[path] = value
+        elif isinstance(value, dict) and isinstance(value.get("search"), str):
+            raise ConfigError(f"search marker {path}: unknown search type {value['search']!r}; "
+                              f"types are {', '.join(SEARCH_TYPES)}")
         elif isinstance(value, dict):
             out.update(search_space(value, path + "."))
     return out

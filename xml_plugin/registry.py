@@ -60,11 +60,12 @@ class _Entry:
 _entries: Dict[str, Dict[str, _Entry]] = {k: {} for k in KINDS}  # kind -> canonical name -> entry
 _aliases: Dict[str, Dict[str, str]] = {k: {} for k in KINDS}  # kind -> normalised alias -> canonical
 _populated = False
+_loading_builtins = False  # True while the built-ins register: they never replace a name the user took first
 _populating = threading.RLock()
 
 
 def snake_case(name: str) -> str:
-    """``MultiSimilarityLoss`` -> ``multi_similarity_loss``; ``NTXentLoss`` -> ``ntxent_loss``."""
+    """``MultiSimilarityLoss`` -> ``multi_similarity_loss``; ``NTXentLoss`` -> ``nt_xent_loss``."""
     s = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
     s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s)
     return s.replace("-", "_").lower()
@@ -112,6 +113,8 @@ def register(kind: str, obj: Any = None, name: Optional[str] = None, *, overwrit
     # canonical: the given name, else the short snake_case alias (``multi_similarity``)
     canonical = name if name else min(names[1:] or names, key=len)
     key = _normalise(canonical)
+    if key in _aliases[kind] and _loading_builtins:
+        return obj  # the user registered this name before the first lookup: theirs wins
     if key in _aliases[kind] and not overwrite:
         raise ValueError(f"{kind} {canonical!r} is already registered (pass overwrite=True to replace it)")
     if key in _aliases[kind]:
@@ -216,7 +219,25 @@ def build(kind: str, spec: Any, *args, **extra) -> Any:
         if bad:
             valid = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
             raise TypeError(f"{kind} {name!r} takes no option(s) {bad}; valid options: {valid}")
-    return obj(*args, **opts)
+    try:
+        return obj(*args, **opts)
+    except TypeError as exc:  # **kwargs passed down a class hierarchy (PML): name the options of the whole chain
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise TypeError(f"{kind} {name!r}: {exc}; valid options: {_options(obj)}") from exc
+
+
+def _options(obj: Any) -> List[str]:
+    """Named constructor parameters of ``obj`` and, for a class, of every ``__init__`` up its MRO."""
+    out: List[str] = []
+    for fn in ([c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__ and c is not object]
+               if inspect.isclass(obj) else [obj]):
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        out += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,23 +298,27 @@ def _populate_torch() -> None:
 
 
 def _ensure_populated() -> None:
-    global _populated
+    global _populated, _loading_builtins
     if _populated:
         return
     with _populating:
         if _populated:
             return
         _populated = True  # set first: our modules call register() while being imported
-        _populate_torch()
-        _populate_pml()
-        # our own components register themselves on import
-        import importlib
-        for mod in ("xml_plugin.models", "xml_plugin.losses", "xml_plugin.data", "xml_plugin.methods"):
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as exc:  # a sub-package not written yet
-                if exc.name != mod:
-                    raise
+        _loading_builtins = True
+        try:
+            _populate_torch()
+            _populate_pml()
+            # our own components register themselves on import
+            import importlib
+            for mod in ("xml_plugin.models", "xml_plugin.losses", "xml_plugin.data", "xml_plugin.methods"):
+                try:
+                    importlib.import_module(mod)
+                except ModuleNotFoundError as exc:  # a sub-package not written yet
+                    if exc.name != mod:
+                        raise
+        finally:
+            _loading_builtins = False
 
 
 def describe() -> Dict[str, List[str]]:

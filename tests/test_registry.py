@@ -1,0 +1,289 @@
+"""The name -> component registry: PML/torch built-ins, our own parts, a user's class, errors and specs."""
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+from pytorch_metric_learning import distances, losses, miners, reducers, samplers
+
+import xml_plugin
+from xml_plugin import registry as R
+from xml_plugin.registry import UnknownComponentError
+
+PML_WRAPPERS = {"CrossBatchMemory", "MultipleLosses", "SelfSupervisedLoss"}
+
+
+def _pml_loss_classes():
+    out = []
+    for attr in dir(losses):
+        obj = getattr(losses, attr)
+        if (inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and not attr.startswith("Base")
+                and attr not in PML_WRAPPERS):
+            out.append(attr)
+    return out
+
+
+def _snake(name: str) -> str:
+    """Independent of the registry: split before each capital that starts a word (``NTXent`` -> ``nt_xent``)."""
+    words = re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z0-9]+|[A-Z]+", name)
+    return "_".join(w.lower() for w in words)
+
+
+@pytest.fixture
+def cleanup():
+    """Names registered by a test, unregistered afterwards even when it fails."""
+    added = []
+    yield added
+    for kind, name in added:
+        try:
+            R.unregister(kind, name)
+        except UnknownComponentError:
+            pass
+
+
+def test_pml_loss_list_is_not_empty():
+    names = _pml_loss_classes()
+    assert "MultiSimilarityLoss" in names and "ContrastiveLoss" in names
+    assert not PML_WRAPPERS & set(names)
+
+
+@pytest.mark.parametrize("cls_name", _pml_loss_classes())
+def test_every_pml_loss_resolves_by_class_and_snake_names(cls_name):
+    cls = getattr(losses, cls_name)
+    snake = _snake(cls_name)
+    assert R.get("loss", cls_name) is cls
+    assert R.get("loss", snake) is cls
+    assert snake.endswith("_loss")
+    assert R.get("loss", snake[: -len("_loss")]) is cls
+    assert R.get("loss", cls_name.lower()) is cls  # case-insensitive
+
+
+def test_multi_similarity_names():
+    for n in ("MultiSimilarityLoss", "multi_similarity_loss", "multi_similarity", "Multi-Similarity"):
+        assert R.get("loss", n) is losses.MultiSimilarityLoss
+    assert R.canonical_name("loss", "MultiSimilarityLoss") == "multi_similarity"
+
+
+def test_pml_wrappers_are_not_plain_losses():
+    for cls_name in PML_WRAPPERS:
+        with pytest.raises(UnknownComponentError):
+            R.get("loss", cls_name)
+    assert R.get("loss_wrapper", "xbm") is losses.CrossBatchMemory
+
+
+def test_miners_samplers_distances_reducers():
+    assert R.get("miner", "multi_similarity") is miners.MultiSimilarityMiner
+    assert R.get("miner", "MultiSimilarityMiner") is miners.MultiSimilarityMiner
+    assert R.get("miner", "triplet_margin_miner") is miners.TripletMarginMiner
+    assert R.get("miner", "batch_hard") is miners.BatchHardMiner
+    assert R.get("sampler", "m_per_class") is samplers.MPerClassSampler
+    assert R.get("sampler", "MPerClassSampler") is samplers.MPerClassSampler
+    assert R.get("distance", "cosine_similarity") is distances.CosineSimilarity
+    assert R.get("distance", "LpDistance") is distances.LpDistance
+    assert R.get("distance", "lp") is distances.LpDistance
+    assert R.get("reducer", "mean") is reducers.MeanReducer
+    assert R.get("reducer", "threshold_reducer") is reducers.ThresholdReducer
+    # the same name in two kinds resolves per kind
+    assert R.get("loss", "triplet_margin") is not R.get("miner", "triplet_margin")
+
+
+def test_torch_optimizers_and_schedulers():
+    assert R.get("optimizer", "Adam") is torch.optim.Adam
+    assert R.get("optimizer", "adam") is torch.optim.Adam
+    assert R.get("optimizer", "RMSprop") is torch.optim.RMSprop
+    assert R.get("optimizer", "sgd") is torch.optim.SGD
+    assert R.get("lr_scheduler", "cosine_annealing_lr") is torch.optim.lr_scheduler.CosineAnnealingLR
+    assert R.get("lr_scheduler", "StepLR") is torch.optim.lr_scheduler.StepLR
+
+
+def test_project_components():
+    from xml_plugin.models.pooling import Pooling
+    for name in ("xbm", "xml", "zsr", "xbn", "axbn"):
+        wrapper = R.get("loss_wrapper", name)
+        assert inspect.isclass(wrapper) and issubclass(wrapper, torch.nn.Module), name
+        first = next(iter(inspect.signature(wrapper).parameters))
+        assert first == "loss", f"{name}: a loss wrapper's first constructor argument is the loss, got {first}"
+    assert R.get("loss_wrapper", "xml") is not R.get("loss_wrapper", "xbn")
+    for name in ("gap", "gmp", "xml", "gsp"):
+        pooling = R.get("pooling", name)
+        assert issubclass(pooling, Pooling), name
+    assert R.get("pooling", "xml").gives_histogram and not R.get("pooling", "gap").gives_histogram
+    for name in ("cards", "kanji", "cub200", "cars196", "sop", "inshop"):
+        assert callable(R.get("dataset", name)), name
+    assert set(R.names("method")) >= {"baseline", "xml", "gsp", "xbm", "xbn", "axbn"}
+    assert R.get("method", "xml")["loss_wrapper"]["name"] == "xml"
+    assert R.get("method", "baseline")["loss_wrapper"] is None
+
+
+def test_describe_lists_every_kind():
+    d = R.describe()
+    assert set(d) == set(R.KINDS)
+    assert "multi_similarity" in d["loss"] and "m_per_class" in d["sampler"] and "Adam" in d["optimizer"]
+    assert d["loss"] == sorted(d["loss"])
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(UnknownComponentError) as info:
+        R.get("loss", "multi_similarty")
+    msg = str(info.value)
+    assert "multi_similarty" in msg
+    assert "Did you mean" in msg and "multi_similarity" in msg.split("Did you mean")[1].split("?")[0]
+    assert isinstance(info.value, KeyError)  # catchable as a lookup failure
+    with pytest.raises(UnknownComponentError, match="gsp"):
+        R.get("pooling", "gsq")
+    with pytest.raises(UnknownComponentError) as info:
+        R.get("optimizer", "adamm")
+    assert "Adam" in str(info.value)
+
+
+def test_unknown_kind_and_non_string_name():
+    with pytest.raises(ValueError, match="kind"):
+        R.get("losses", "contrastive")
+    with pytest.raises(ValueError, match="kind"):
+        R.register("not_a_kind", object, name="x")
+    with pytest.raises(TypeError):
+        R.get("loss", 3)
+
+
+class MyLoss(torch.nn.Module):
+    def __init__(self, scale: float = 1.0, offset: float = 0.0):
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, embeddings, labels):
+        return self.scale * embeddings.pow(2).mean() + self.offset
+
+
+def test_user_class_registers_builds_and_unregisters(cleanup):
+    with pytest.raises(UnknownComponentError):
+        R.get("loss", "my")
+    xml_plugin.register("loss", MyLoss)
+    cleanup.append(("loss", "MyLoss"))
+    for n in ("MyLoss", "my_loss", "my"):
+        assert R.get("loss", n) is MyLoss
+    assert "my" in R.names("loss")
+    built = xml_plugin.build("loss", {"name": "my_loss", "options": {"scale": 2.0}}, offset=0.5)
+    assert isinstance(built, MyLoss) and built.scale == 2.0 and built.offset == 0.5
+    out = built(torch.ones(3, 4), torch.zeros(3))
+    assert float(out) == pytest.approx(2.5)
+    xml_plugin.unregister("loss", "my_loss")
+    for n in ("MyLoss", "my_loss", "my"):
+        with pytest.raises(UnknownComponentError):
+            R.get("loss", n)
+    with pytest.raises(UnknownComponentError):
+        R.unregister("loss", "my")
+    # the built-ins are untouched
+    assert R.get("loss", "multi_similarity") is losses.MultiSimilarityLoss
+
+
+def test_decorator_form_and_explicit_name(cleanup):
+    @R.register("pooling", name="my_pool", aliases=["mp"])
+    class MyPool(torch.nn.Module):
+        gives_histogram = False
+    cleanup.append(("pooling", "my_pool"))
+    assert MyPool.__name__ == "MyPool"  # the decorator returns the class itself
+    assert R.get("pooling", "my_pool") is MyPool
+    assert R.get("pooling", "mp") is MyPool
+    assert R.get("pooling", "MyPool") is MyPool
+    assert R.canonical_name("pooling", "mp") == "my_pool"
+
+    @R.register("miner")
+    class FancyMiner:
+        pass
+    cleanup.append(("miner", "fancy"))
+    assert R.get("miner", "fancy_miner") is FancyMiner and R.get("miner", "fancy") is FancyMiner
+
+
+def test_register_overwrite_rules(cleanup):
+    class A:
+        pass
+
+    class B:
+        pass
+    R.register("reducer", A, name="test_reducer_x")
+    cleanup.append(("reducer", "test_reducer_x"))
+    with pytest.raises(ValueError, match="already registered"):
+        R.register("reducer", B, name="test_reducer_x", overwrite=False)
+    assert R.get("reducer", "test_reducer_x") is A
+    R.register("reducer", B, name="test_reducer_x")
+    assert R.get("reducer", "test_reducer_x") is B
+    # the replaced class's own aliases no longer point anywhere
+    with pytest.raises(UnknownComponentError):
+        R.get("reducer", "A")
+
+
+def test_register_dict_method(cleanup):
+    overlay = {"pooling": {"name": "gmp"}, "loss_wrapper": None}
+    R.register("method", overlay, name="gmp_baseline")
+    cleanup.append(("method", "gmp_baseline"))
+    assert R.get("method", "gmp_baseline") == overlay
+    with pytest.raises(ValueError, match="needs a name"):
+        R.register("method", {"pooling": "gap"})
+
+
+def test_build_rejects_unknown_options_naming_valid_ones(cleanup):
+    R.register("loss", MyLoss, name="my_strict")
+    cleanup.append(("loss", "my_strict"))
+    with pytest.raises(TypeError) as info:
+        R.build("loss", {"name": "my_strict", "scael": 2.0})
+    msg = str(info.value)
+    assert "scael" in msg and "scale" in msg and "offset" in msg
+    # PML classes take **kwargs and pass them down: the message still names the chain's options
+    with pytest.raises(TypeError) as info:
+        R.build("loss", {"name": "multi_similarity", "options": {"alpah": 2.0}})
+    msg = str(info.value)
+    assert "alpah" in msg and "alpha" in msg and "distance" in msg
+
+
+def test_build_pml_and_torch_components():
+    loss = R.build("loss", {"name": "contrastive", "options": {"pos_margin": 0.1, "neg_margin": 0.7}})
+    assert isinstance(loss, losses.ContrastiveLoss) and loss.neg_margin == 0.7
+    miner = R.build("miner", "multi_similarity", epsilon=0.2)
+    assert isinstance(miner, miners.MultiSimilarityMiner) and miner.epsilon == 0.2
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = R.build("optimizer", {"name": "adam", "lr": 0.05}, params)
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.05
+    sampler = R.build("sampler", {"name": "m_per_class", "options": {"m": 2}}, [0, 0, 1, 1, 2, 2], length_before_new_iter=6)
+    assert sorted(iter(sampler)) == list(range(6))
+
+
+def test_split_spec_forms():
+    assert R.split_spec("gap") == ("gap", {})
+    assert R.split_spec({"name": "xml", "options": {"lam": 1.0}}) == ("xml", {"lam": 1.0})
+    assert R.split_spec({"name": "xml", "lam": 1.0}) == ("xml", {"lam": 1.0})
+    # inline keys win over ``options`` and ``options: null`` is empty
+    assert R.split_spec({"name": "xml", "options": {"lam": 1.0}, "lam": 2.0}) == ("xml", {"lam": 2.0})
+    assert R.split_spec({"name": "gap", "options": None}) == ("gap", {})
+    spec = {"name": "xml", "options": {"lam": 1.0}}
+    R.split_spec(spec)[1]["lam"] = 5.0
+    assert spec["options"]["lam"] == 1.0  # the spec is not aliased
+    with pytest.raises(ValueError, match="name"):
+        R.split_spec({"options": {}})
+    with pytest.raises(TypeError):
+        R.split_spec(3)
+
+
+def test_snake_case():
+    assert R.snake_case("MultiSimilarityLoss") == "multi_similarity_loss"
+    assert R.snake_case("NTXentLoss") == "nt_xent_loss"
+    assert R.snake_case("MPerClassSampler") == "m_per_class_sampler"
+
+
+def test_user_registration_before_first_lookup_wins(monkeypatch):
+    """A name the user registers before the built-ins load (first lookup) is not replaced by PML's class."""
+    R.get("loss", "contrastive")  # make sure everything is loaded, then simulate a fresh registry with the user's entry
+    monkeypatch.setattr(R, "_entries", {k: {} for k in R.KINDS})
+    monkeypatch.setattr(R, "_aliases", {k: {} for k in R.KINDS})
+    monkeypatch.setattr(R, "_populated", False)
+
+    class Mine:
+        pass
+    R.register("loss", Mine, name="contrastive")
+    assert R.get("loss", "contrastive") is Mine  # this lookup loads the built-ins
+    assert R.get("loss", "triplet_margin") is losses.TripletMarginLoss
+    assert R.get("optimizer", "adam") is torch.optim.Adam
+    # after loading, registering replaces as usual
+    R.register("loss", losses.ContrastiveLoss, name="contrastive")
+    assert R.get("loss", "contrastive") is losses.ContrastiveLoss
