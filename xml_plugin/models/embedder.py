@@ -15,7 +15,8 @@ from ..registry import register
 
 
 def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and int(value) == value >= 1
+    if not ok:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
