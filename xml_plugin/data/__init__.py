@@ -1,23 +1,8 @@
 """Data sets (real formats and embedded builders), class-disjoint splits, transforms. Importing registers them."""
-import importlib as _importlib
+from . import embedded, real  # noqa: F401  (register cards, kanji, cub200, cars196, sop, inshop)
+from .datasets import DMLDataset, cache_root, get_dataset
+from .splits import Split, class_disjoint_splits, protocol_splits
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
-__all__ = []
-
-_EXPORTS = {
-    "datasets": ["get_dataset", "DMLDataset", "cache_root"],
-    "splits": ["class_disjoint_splits", "protocol_splits", "Split"],
-    "transforms": ["train_transform", "eval_transform"],
-    "real": [],
-    "embedded": [],
-}
-for _mod, _names in _EXPORTS.items():
-    try:
-        _m = _importlib.import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _exc:  # TODO(lead): plain imports once every module has landed
-        if _exc.name != f"{__name__}.{_mod}":
-            raise
-        continue
-    for _n in _names:
-        if hasattr(_m, _n):
-            globals()[_n] = getattr(_m, _n)
-            __all__.append(_n)
+__all__ = ["get_dataset", "DMLDataset", "cache_root", "class_disjoint_splits", "protocol_splits", "Split",
+           "train_transform", "eval_transform", "IMAGENET_MEAN", "IMAGENET_STD"]
