@@ -83,12 +83,36 @@ def parse(argv: Optional[List[str]] = None):
         parser.error(str(exc))
     for flag, path in SHORTHANDS.items():
         value = getattr(args, flag)
-        if value is not None:
-            overrides.insert(0, (path, value))
+        if value is None:
+            continue
+        if path.endswith(".name") and isinstance(value, str) and value.lstrip().startswith("{"):
+            spec = C.parse_value(value)  # --loss '{name: contrastive, options: {...}}': the whole section
+            if isinstance(spec, dict):
+                overrides.insert(0, (path[: -len(".name")], spec))
+                continue
+        overrides.insert(0, (path, value))
     if args.methods:
         overrides.insert(0, ("general.methods", list(args.methods)))
     selection = {c: getattr(args, c) for c in C.CATEGORIES if getattr(args, c)}
     return parser, args, selection, overrides
+
+
+def check_names(cfg: dict) -> None:
+    """Resolve the component and method names of ``cfg`` (raises UnknownComponentError with close matches).
+
+    A single method given as ``--general.methods xml`` becomes the list ``[xml]``.
+    """
+    general = cfg.setdefault("general", {})
+    if isinstance(general.get("methods"), str):
+        general["methods"] = [general["methods"]]
+    for kind in ("dataset", "trunk", "embedder", "pooling", "loss", "miner", "loss_wrapper", "sampler", "optimizer"):
+        spec = cfg.get(kind)
+        if spec and not C.is_search_marker(spec):
+            name = registry.split_spec(spec)[0]
+            if isinstance(name, str):
+                registry.get(kind, name)
+    for method in general.get("methods") or []:
+        registry.get("method", method)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -113,6 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if not args.experiment_name:
             parser.error("--experiment_name is required (or --compare / --list / --print_config)")
+        check_names(cfg)  # a typo fails here, before the experiment folder is made
         from .protocol.experiment import Experiment
         exp = Experiment(cfg, args.experiment_name, progress=not args.no_progress)
         md = exp.run()

@@ -1,0 +1,148 @@
+"""The command line: help, shorthands, overrides, --print_config, --list and its errors (exit code 2, stderr)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xml_plugin import config as C
+from xml_plugin import registry as R
+from xml_plugin.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_main(capsys, argv):
+    """``main(argv)`` -> (exit code, stdout, stderr); argparse's own exits count as exit codes."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_experiment(monkeypatch):
+    """Fail instead of running an experiment: the commands tested here must stop before one starts."""
+    import xml_plugin.protocol.experiment as E
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an Experiment was started")
+    monkeypatch.setattr(E, "Experiment", refuse)
+
+
+def test_help_lists_flags_and_override_syntax():
+    r = subprocess.run([sys.executable, "run.py", "--help"], cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--experiment_name", "--loss", "--dataset", "--dataset_root", "--trunk", "--pooling", "--device",
+                 "--methods", "--n_trials", "--reproductions", "--storage", "--compare", "--list", "--print_config"):
+        assert flag in r.stdout, flag
+    for category in C.CATEGORIES:
+        assert f"--{category}" in r.stdout
+    assert "--section.key VALUE" in r.stdout and "~replace" in r.stdout and "~delete" in r.stdout
+    assert "search:" in r.stdout  # how to mark a key as searched
+
+
+def test_print_config_merges_shorthands_and_overrides(capsys):
+    code, out, err = run_main(capsys, ["--print_config", "--loss", "contrastive", "--trainer.batch_size", "64",
+                                       "--miner~delete", "--n_trials", "3", "--methods", "baseline", "gsp",
+                                       "--dataset", "kanji", "--config_general", "smoke"])
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    default = C.load()
+    assert cfg["loss"] == {"name": "contrastive", "options": default["loss"]["options"]}  # merged, not replaced
+    assert cfg["trainer"]["batch_size"] == 64
+    assert cfg["trainer"]["max_epochs"] == C.load({"config_general": ["smoke"]})["trainer"]["max_epochs"]
+    assert "miner" in default and "miner" not in cfg
+    assert cfg["general"]["n_trials"] == 3 and cfg["general"]["methods"] == ["baseline", "gsp"]
+    assert cfg["dataset"]["name"] == "kanji"
+    assert cfg["optimizer"] == default["optimizer"]  # untouched sections stay as in the YAML files
+
+
+def test_override_beats_shorthand_and_flow_mappings(capsys):
+    code, out, err = run_main(capsys, ["--print_config", "--loss", "contrastive", "--loss.name", "triplet_margin",
+                                       "--optimizer.options", "{lr: 1e-2}", "--miner", "{name: multi_similarity}",
+                                       "--loss_wrapper.options.lam", "{search: float, low: 0.1, high: 1, log: true}"])
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert cfg["loss"]["name"] == "triplet_margin"  # the explicit key comes after the shorthand
+    assert cfg["optimizer"]["options"]["lr"] == pytest.approx(0.01)
+    assert cfg["optimizer"]["options"]["weight_decay"] == C.load()["optimizer"]["options"]["weight_decay"]
+    assert cfg["miner"] == {"name": "multi_similarity"}
+    assert C.search_space(cfg) == {"loss_wrapper.options.lam": {"search": "float", "low": 0.1, "high": 1, "log": True}}
+
+
+def test_shorthand_accepts_a_whole_spec(capsys):
+    code, out, err = run_main(capsys, ["--print_config", "--loss", "{name: contrastive, options: {pos_margin: 0.1}}"])
+    assert code == 0, err
+    assert yaml.safe_load(out)["loss"] == {"name": "contrastive", "options": {"pos_margin": 0.1}}
+
+
+def test_list_prints_every_kind(capsys):
+    code, out, err = run_main(capsys, ["--list"])
+    assert code == 0, err
+    lines = {line.split(" ", 1)[0]: line for line in out.splitlines() if line}
+    assert set(R.KINDS) <= set(lines)
+    assert "multi_similarity" in lines["loss"] and "m_per_class" in lines["sampler"]
+    assert all(m in lines["method"] for m in ("baseline", "xml", "gsp", "xbm", "xbn", "axbn"))
+    assert f"({len(R.names('pooling'))})" in lines["pooling"]
+
+
+def test_unknown_loss_exits_2_on_stderr_without_making_the_folder(capsys, tmp_path, no_experiment):
+    folder = tmp_path / "experiments"
+    code, out, err = run_main(capsys, ["--experiment_name", "typo", "--loss", "multi_similarty",
+                                       "--experiment_folder", str(folder)])
+    assert code == 2
+    assert out == ""
+    assert "multi_similarty" in err and "multi_similarity" in err.split("Did you mean")[1]
+    assert not (folder / "typo").exists()
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--methods", "baselin"], "baseline"),
+    (["--general.methods", "xbnn"], "xbn"),  # a single value: still a list of one method
+    (["--pooling", "gsq"], "gsp"),
+    (["--dataset", "kanjii"], "kanji"),
+    (["--optimizer.name", "adamm"], "Adam"),
+])
+def test_unknown_names_fail_early(capsys, tmp_path, argv, word, no_experiment):
+    code, out, err = run_main(capsys, ["--experiment_name", "e", "--experiment_folder", str(tmp_path)] + argv)
+    assert code == 2 and out == ""
+    assert word in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_bad_override_syntax_exits_2_with_usage(capsys):
+    code, out, err = run_main(capsys, ["--print_config", "--trainer.batch_size"])
+    assert code == 2 and out == ""
+    assert "usage:" in err and "--trainer.batch_size needs a value" in err
+    code, out, err = run_main(capsys, ["--print_config", "stray"])
+    assert code == 2 and "usage:" in err and "stray" in err
+
+
+def test_bad_config_name_exits_2(capsys):
+    code, out, err = run_main(capsys, ["--print_config", "--config_general", "smok"])
+    assert code == 2 and out == ""
+    assert "smok.yaml" in err and "smoke" in err
+
+
+def test_missing_experiment_name_exits_2(capsys, no_experiment):
+    code, out, err = run_main(capsys, ["--loss", "contrastive"])
+    assert code == 2 and out == ""
+    assert "--experiment_name" in err and "usage:" in err
+
+
+def test_compare_of_unfinished_folders_exits_2(capsys, tmp_path):
+    code, out, err = run_main(capsys, ["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert code == 2 and out == "" and err.startswith("error:")
+
+
+def test_run_py_exit_code_and_stderr():
+    """The same through the real entry point: the exit code reaches the shell, the message goes to stderr."""
+    r = subprocess.run([sys.executable, "run.py", "--print_config", "--a.b"], cwd=str(REPO), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "--a.b needs a value" in r.stderr
