@@ -24,7 +24,7 @@ def tiny_overrides(tmp_path, **extra):
         "embedder.size": 16, "transforms.image_size": 32, "transforms.train": {"scale": [0.6, 1.0], "flip": True},
         "trainer.batch_size": 16, "trainer.iterations_per_epoch": 6, "trainer.max_epochs": 2, "trainer.patience": None,
         "trainer.logs": False, "cache.views": 2, "cache.folder": str(tmp_path / "cache"),
-        "pooling.options": {}, "search.n_startup_trials": 1,
+        "search.n_startup_trials": 1,
     }
     base.update(extra)
     return list(base.items())

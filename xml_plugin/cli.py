@@ -16,6 +16,9 @@ config overrides (any key of the merged config, after the flags above):
                                a mapping VALUE is merged into the existing mapping
   --section.key~replace VALUE  replace the key's value instead of merging
   --section.key~delete         delete the key
+  --method_overrides.METHOD.section.key VALUE
+                               set a key for one method only, over its overlay (config_methods/METHOD.yaml);
+                               overriding a key that a compared method's overlay sets is an error that says so
   examples: --trainer.batch_size 64   --loss.options '{margin: 0.2}'   --miner '{name: multi_similarity}'
 search markers (in YAML or on the command line) make a key searched by Optuna:
   --loss_wrapper.options.lam '{search: float, low: 0.01, high: 10, log: true}'
@@ -139,7 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--experiment_name is required (or --compare / --list / --print_config)")
         check_names(cfg)  # a typo fails here, before the experiment folder is made
         from .protocol.experiment import Experiment
-        exp = Experiment(cfg, args.experiment_name, progress=not args.no_progress)
+        protected = [path for path, _ in overrides if path != "general.methods"]
+        exp = Experiment(cfg, args.experiment_name, progress=not args.no_progress, protected=protected)
         md = exp.run()
         print(md)
         print(f"report: {exp.folder / 'report.md'} (also report.csv, report.tex and plots)", file=sys.stderr)

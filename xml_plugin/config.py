@@ -207,6 +207,19 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def leaf_paths(cfg: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Dotted paths of the leaves of a (nested) mapping; search markers and ``~replace`` values are leaves."""
+    out: List[str] = []
+    for key, value in cfg.items():
+        name = key.split("~")[0]
+        path = f"{prefix}{name}"
+        if isinstance(value, dict) and value and not is_search_marker(value) and not key.endswith(REPLACE):
+            out.extend(leaf_paths(value, path + "."))
+        else:
+            out.append(path)
+    return out
+
+
 def get_path(cfg: Dict[str, Any], dotted: str, default: Any = None) -> Any:
     node: Any = cfg
     for k in dotted.split("."):

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import optuna
@@ -31,12 +31,29 @@ class TrialFailed(RuntimeError):
         self.fail_reason = reason
 
 
-def method_config(cfg: Dict[str, Any], method: str) -> Dict[str, Any]:
-    """The base config with the method's overlay (``config_methods/<method>.yaml`` or a registered dict) merged in."""
+METHOD_OVERRIDES = "method_overrides"
+
+
+def method_config(cfg: Dict[str, Any], method: str, protected: Sequence[str] = ()) -> Dict[str, Any]:
+    """The base config, then the method's overlay (``config_methods/<method>.yaml`` or a registered dict), then
+    ``method_overrides.<method>`` (the user's values for that method only).
+
+    ``protected``: dotted paths the user set on the command line; an overlay that would silently replace one is an
+    error that says how to set it for this method.
+    """
     overlay = registry.get("method", method)
     if callable(overlay):
         overlay = overlay(copy.deepcopy(cfg))
-    return C.merge(cfg, overlay or {})
+    overlay = overlay or {}
+    for path in protected:
+        path = path.split("~")[0]
+        for leaf in C.leaf_paths(overlay):
+            if path == leaf or path.startswith(leaf + ".") or leaf.startswith(path + "."):
+                raise C.ConfigError(
+                    f"method {method!r} sets {leaf} itself, so --{path} would be ignored for it; set it for this method "
+                    f"with --{METHOD_OVERRIDES}.{method}.{path} VALUE (or leave {method!r} out of --methods)")
+    base = {k: v for k, v in cfg.items() if k != METHOD_OVERRIDES}
+    return C.merge(C.merge(base, overlay), (cfg.get(METHOD_OVERRIDES) or {}).get(method) or {})
 
 
 def training_key(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -48,19 +65,26 @@ def training_key(cfg: Dict[str, Any]) -> Dict[str, Any]:
 class Experiment:
     """One experiment folder: ``config.yaml``, ``splits.json``, ``optuna.db`` (default storage), ``runs/``, the report."""
 
-    def __init__(self, cfg: Dict[str, Any], name: str, progress: bool = True):
-        self.cfg, self.name, self.progress = cfg, name, progress
+    def __init__(self, cfg: Dict[str, Any], name: str, progress: bool = True, protected: Sequence[str] = ()):
+        self.cfg, self.name, self.progress, self.protected = cfg, name, progress, tuple(protected)
         g = cfg["general"]
         self.folder = Path(g["experiment_folder"]) / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.storage_url = g.get("storage") or f"sqlite:///{(self.folder / 'optuna.db').resolve()}"
         self.methods: List[str] = [registry.canonical_name("method", m) for m in g["methods"]]
+        unknown = set((cfg.get(METHOD_OVERRIDES) or {})) - set(self.methods)
+        if unknown:
+            raise C.ConfigError(f"{METHOD_OVERRIDES} names methods that are not compared: {sorted(unknown)} "
+                                f"(methods: {self.methods})")
         for m in self.methods:  # every method's config must be valid before anything runs
-            self._validate(method_config(cfg, m), m)
+            self._validate(self.method_config(m), m)
         self.ctx: Optional[T.RunContext] = None
         self._storage = None
 
     # ---------------------------------------------------------------- set-up
+    def method_config(self, method: str) -> Dict[str, Any]:
+        return method_config(self.cfg, method, self.protected)
+
     def _validate(self, mcfg: Dict[str, Any], method: str) -> None:
         C.search_space(mcfg)  # marker errors
         for kind, key in (("loss", "loss"), ("pooling", "pooling"), ("optimizer", "optimizer"), ("trunk", "trunk")):
@@ -95,7 +119,8 @@ class Experiment:
         if threads:
             torch.set_num_threads(int(threads))
         ds_cfg = cfg["dataset"]
-        dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **(ds_cfg.get("options") or {}))
+        ds_options = {**(ds_cfg.get("options_for") or {}).get(ds_cfg["name"], {}), **(ds_cfg.get("options") or {})}
+        dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **ds_options)
         labels = np.asarray(dataset.labels, dtype=np.int64)
         split_path = self.folder / "splits.json"
         split = protocol_splits(dataset, test_fraction=ds_cfg.get("test_fraction", 0.5), num_folds=ds_cfg.get("num_folds", 4))
@@ -159,12 +184,12 @@ class Experiment:
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(search.get("n_startup_trials", 5)))
 
     def n_trials(self, method: str) -> int:
-        return int(self.cfg["general"]["n_trials"]) if C.search_space(method_config(self.cfg, method)) else 1
+        return int(self.cfg["general"]["n_trials"]) if C.search_space(self.method_config(method)) else 1
 
     def search(self, method: str) -> Dict[str, Any]:
         """Step 1: the Optuna study; returns the best trial's parameters (empty for a method with nothing to search)."""
         self.setup()
-        mcfg = method_config(self.cfg, method)
+        mcfg = self.method_config(method)
         space = C.search_space(mcfg)
         study = self.study(method, "search")
         seed = int(self.cfg["general"].get("seed", 0))
@@ -196,7 +221,7 @@ class Experiment:
     def reproduce(self, method: str, params: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Step 2: the best configuration trained again with new seeds and tested (separate and concatenated)."""
         self.setup()
-        ccfg = C.resolve(method_config(self.cfg, method), params)
+        ccfg = C.resolve(self.method_config(method), params)
         study = self.study(method, "reproductions")
         n = int(self.cfg["general"]["reproductions"])
         base = int(self.cfg["general"].get("seed", 0))
