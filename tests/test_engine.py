@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,9 +106,15 @@ def test_killed_cache_build_is_not_used(tiny_cfg, tmp_path):
         cache.build(ds, Boom(), eval_transform(32), eval_transform(32), 2, torch.device("cpu"), progress=False)
     assert not cache.complete
     assert list((tmp_path / "c" / "features").iterdir()) == []  # no half-written folder left behind
+    # the temporary folder of a build killed with -9 (dead pid) is removed by the next build
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "c" / "features" / f".{cache.key}.{dead.pid}.abc"
+    stale.mkdir()
     cache.build(ds, torch.nn.Sequential(trunk.blocks[0]), eval_transform(32), eval_transform(32), 1,
                 torch.device("cpu"), progress=False)
-    assert cache.complete
+    assert cache.complete and not stale.exists()
+    assert [p.name for p in (tmp_path / "c" / "features").iterdir()] == [cache.key]
 
 
 @pytest.mark.parametrize("method", ["baseline", "xml"])

@@ -62,7 +62,8 @@ class FeatureCache:
         if self.complete:
             return self.load()
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.", dir=self.folder.parent))
+        self._remove_dead_builds()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.{os.getpid()}.", dir=self.folder.parent))
         try:
             loader = torch.utils.data.DataLoader(_Views(dataset, train_tf, eval_tf, views, seed), batch_size=max(1, batch_size // (views + 1)),
                                                  shuffle=False, num_workers=num_workers)
@@ -100,6 +101,17 @@ class FeatureCache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return self.load()
+
+    def _remove_dead_builds(self) -> None:
+        """Delete temporary folders of builds whose process is gone (killed with -9: no clean-up ran)."""
+        for tmp in self.folder.parent.glob(f".{self.key}.*"):
+            try:
+                pid = int(tmp.name.split(".")[2])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            except (ValueError, IndexError, PermissionError):
+                continue
 
     def load(self) -> "FeatureCache":
         self._eval = np.load(self.folder / "eval.npy", mmap_mode="r")
