@@ -25,6 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from memory import saved_bytes, status_kib  # noqa: E402
 
 from xml_plugin.models.gsp import GeneralizedSumPooling, gsp_transport  # noqa: E402
 
@@ -58,28 +61,6 @@ def _make(args, backward: str, scope: str):
     return forward, run
 
 
-def saved_bytes(forward) -> int:
-    """Bytes of the tensors autograd keeps for the backward of ``forward()`` (shared storage counted per save)."""
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = forward()
-    del loss
-    return total[0]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args) -> None:
     """One measurement in a fresh process: peak RSS growth of one forward+backward (after a warm-up).
 
@@ -93,16 +74,16 @@ def child(args) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-        after_reset = _status_kib("VmHWM")
+        after_reset = status_kib("VmHWM")
     except OSError:
         after_reset = None
     run()
     if after_reset is not None:
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
     else:  # no reset available: the lifetime peak, a lower bound of the growth
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rss_kib": peak - before}))

@@ -45,6 +45,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from memory import saved_bytes, status_kib  # noqa: E402
 
 from pytorch_metric_learning.losses import MultiSimilarityLoss  # noqa: E402
 
@@ -122,27 +125,6 @@ def build_trunk(name: str):
     return registry.build("trunk", {"name": name, "options": {"pretrained": True}})
 
 
-def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = forward()
-    del loss
-    return total[0]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args) -> None:
     """Fresh process: peak RSS growth of one step of ``args.child`` and the bytes saved for its backward."""
     torch.set_num_threads(args.threads)
@@ -159,14 +141,14 @@ def child(args) -> None:
         pass
     method = "VmHWM"
     try:
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak (VmHWM) to the current RSS
     except OSError:
         method = "ru_maxrss"
-        before = _status_kib("VmRSS") if os.path.exists("/proc/self/status") else 0
+        before = status_kib("VmRSS") if os.path.exists("/proc/self/status") else 0
     step()
-    peak = _status_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = status_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rss_growth_kib": peak - before, "saved_bytes": saved, "method": method}))
 
 

