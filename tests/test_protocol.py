@@ -204,3 +204,18 @@ def test_two_workers_share_the_work_one_killed(tmp_path, backend):
     assert sorted(t.user_attrs["slot"] for t in reps) == [0, 1]
     rows = _csv(folder / "report.csv")
     assert len(rows) == 12 and {r["n"] for r in rows} == {"2"}
+
+
+def test_workers_creating_a_new_storage_at_once_do_not_crash(tmp_path):
+    # several processes open the same new SQLite file at the same moment: the schema creation races
+    code = ("import sys, time; from xml_plugin.protocol import slots; import optuna; "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "  # all start at the same instant
+            "s = slots.make_storage(sys.argv[1]); "
+            "optuna.create_study(study_name='x', storage=s, load_if_exists=True); print('ok')")
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    start = str(time.time() + 8)
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, start], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[1][-500:] for o in outs]
+    assert all(o[0].strip() == "ok" for o in outs)

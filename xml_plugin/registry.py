@@ -312,11 +312,7 @@ def _ensure_populated() -> None:
             # our own components register themselves on import
             import importlib
             for mod in ("xml_plugin.models", "xml_plugin.losses", "xml_plugin.data", "xml_plugin.methods"):
-                try:
-                    importlib.import_module(mod)
-                except ModuleNotFoundError as exc:  # a sub-package not written yet
-                    if exc.name != mod:
-                        raise
+                importlib.import_module(mod)
         finally:
             _loading_builtins = False
 

@@ -116,8 +116,10 @@ class Experiment:
         C.dump(cfg, self.folder / "config.yaml")
         device = T.select_device(cfg["general"].get("device", "auto"))
         threads = cfg["general"].get("num_threads")
-        if threads:
+        if threads:  # torch and faiss (OpenMP) alike: several workers on one machine must not oversubscribe it
+            import faiss
             torch.set_num_threads(int(threads))
+            faiss.omp_set_num_threads(int(threads))
         ds_cfg = cfg["dataset"]
         ds_options = {**(ds_cfg.get("options_for") or {}).get(ds_cfg["name"], {}), **(ds_cfg.get("options") or {})}
         dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **ds_options)

@@ -9,6 +9,7 @@ with their slot (user attributes are copied), so every slot is done exactly once
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 import time
@@ -33,9 +34,17 @@ def make_storage(url: str, heartbeat_interval: int = 5, grace_period: Optional[i
     kwargs: Dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=heartbeat_interval, grace_period=grace_period or 3 * heartbeat_interval,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=max_retry), **kwargs)
+    for attempt in range(8):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period or 3 * heartbeat_interval,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=max_retry), **kwargs)
+        except Exception as exc:  # workers starting together race to create the schema of a new database
+            from sqlalchemy.exc import IntegrityError, OperationalError
+            if not isinstance(exc, (IntegrityError, OperationalError)) or attempt == 7:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+    raise AssertionError("unreachable")
 
 
 def counted(t: optuna.trial.FrozenTrial) -> bool:
