@@ -153,9 +153,12 @@ def embed(model: EmbeddingModel, ctx: RunContext, indices: np.ndarray, batch_siz
     """Embeddings [len(indices), d] (evaluation mode, float32, on CPU)."""
     model.eval()
     out = []
-    with torch.no_grad():
-        for x in ctx.source.eval_batches(np.asarray(indices), batch_size):
+    indices = np.asarray(indices)
+    with torch.no_grad(), tqdm(total=len(indices), desc="embedding", unit="img", leave=False,
+                               disable=not ctx.progress or len(indices) < 2000) as bar:
+        for x in ctx.source.eval_batches(indices, batch_size):
             out.append(model(x.to(ctx.device), from_cache=ctx.source.from_cache).embedding.float().cpu())
+            bar.update(len(x))
     return torch.cat(out) if out else torch.empty(0, model.pooling.dim)
 
 
