@@ -20,6 +20,7 @@ from torch import nn
 
 from ..registry import register
 from .pooling import Pooling, PoolingOutput
+from .seeding import farthest_point_indices
 
 BACKWARDS = ("analytic", "unrolled")
 INITS = ("kcenter", "random")
@@ -165,14 +166,8 @@ def kcenter(points: torch.Tensor, k: int) -> torch.Tensor:
     """
     if points.dim() != 2 or points.shape[0] < 1:
         raise ValueError(f"kcenter needs points [N, d] with N >= 1, got {tuple(points.shape)}")
-    first = (points - points.mean(dim=0)).pow(2).sum(dim=1).argmax()
-    chosen = [int(first)]
-    nearest = (points - points[first]).pow(2).sum(dim=1)  # [N] squared distance to the chosen set
-    for _ in range(1, k):
-        nxt = int(nearest.argmax())
-        chosen.append(nxt)
-        nearest = torch.minimum(nearest, (points - points[nxt]).pow(2).sum(dim=1))
-    return torch.tensor(chosen, dtype=torch.long, device=points.device)
+    first = int((points - points.mean(dim=0)).pow(2).sum(dim=1).argmax())
+    return farthest_point_indices(points, k, first)
 
 
 @register("pooling", name="gsp")

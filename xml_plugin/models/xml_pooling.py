@@ -16,6 +16,7 @@ import torch
 
 from ..registry import register
 from .pooling import Pooling, PoolingOutput
+from .seeding import farthest_point_indices
 
 ASSIGNMENTS = ("hard", "soft")
 INITS = ("kmeans++", "kcenter")
@@ -96,15 +97,8 @@ def kmeans_pp_seeds(points: torch.Tensor, k: int, generator: Optional[torch.Gene
 def kcenter_seeds(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """k-center (farthest point) seeding: a random first row of ``points`` [N, d], then repeatedly the row
     farthest from the seeds chosen so far (ties: lowest index, so duplicates once all points are seeds)."""
-    pts = points.float()
-    n = pts.shape[0]
-    idx = [int(torch.randint(n, (1,), generator=generator, device="cpu"))]
-    nearest = squared_distances(pts, pts[idx[0]][None]).squeeze(1)  # [N]
-    for _ in range(1, k):
-        j = int(nearest.argmax())
-        idx.append(j)
-        nearest = torch.minimum(nearest, squared_distances(pts, pts[j][None]).squeeze(1))
-    return points[torch.tensor(idx, device=points.device)]
+    first = int(torch.randint(points.shape[0], (1,), generator=generator, device="cpu"))
+    return points[farthest_point_indices(points, k, first)]
 
 
 _SEEDERS = {"kmeans++": kmeans_pp_seeds, "kcenter": kcenter_seeds}
