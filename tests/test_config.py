@@ -359,3 +359,16 @@ def test_xml_full_searches_only_xml_pooling():
     assert "loss_wrapper.options.lam" in C.search_space(method_config(cfg, "xml"))
     assert not C.search_space(method_config(cfg, "baseline"))
     assert not C.search_space(method_config(cfg, "xbn"))
+
+
+def test_a_chosen_file_is_not_undone_by_another_category_default():
+    # config_dataset/kanji.yaml sets transforms and cache keys; config_transforms/default.yaml comes later in the
+    # category order but must not reset them
+    cfg = C.load({"config_dataset": ["kanji"]}, root=SHIPPED)
+    kanji = C.load_yaml(SHIPPED / "config_dataset" / "kanji.yaml")
+    assert cfg["transforms"]["image_size"] == kanji["transforms"]["image_size"] == 128
+    assert cfg["transforms"]["train"]["flip"] is False
+    assert cfg["cache"]["views"] == kanji["cache"]["views"]
+    # a chosen file of a later category still wins over an earlier chosen one
+    cfg = C.load({"config_dataset": ["kanji"], "config_transforms": ["protocol227"]}, root=SHIPPED)
+    assert cfg["transforms"]["image_size"] == 227

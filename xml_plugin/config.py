@@ -1,7 +1,7 @@
 """Layered YAML configs, command-line overrides and search-space markers.
 
 A config is one nested dict. ``benchmark_configs/<category>/<name>.yaml`` files are merged in order
-(each category's ``default.yaml`` first, then the names chosen with ``--config_<category> NAME ...``),
+(all categories' ``default.yaml`` first, then the names chosen with ``--config_<category> NAME ...``),
 then the command-line overrides:
 
 * ``--a.b.c VALUE``          set a key (VALUE is parsed as YAML; a dict VALUE is merged into a dict)
@@ -114,14 +114,19 @@ def load_category(category: str, names: Sequence[str], root: Optional[Path] = No
 
 def load(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterable[Tuple[str, Any]] = (),
          root: Optional[Path] = None) -> Dict[str, Any]:
-    """Merge every category's ``default`` then the selected names, then the overrides (in order)."""
+    """Merge every category's ``default``, then the selected names (category by category, in order), then the
+    overrides."""
     root = root or config_root()
     selection = dict(selection or {})
     cfg: Dict[str, Any] = {}
+    # every category's default first, then the chosen files: a chosen file (say config_dataset/kanji.yaml, which
+    # also sets transforms and cache keys) is never undone by a later category's default
     for category in CATEGORIES:
-        names = list(selection.pop(category, None) or [])
-        base = ["default"] if (root / category / "default.yaml").is_file() else []
-        cfg = merge(cfg, load_category(category, base + [n for n in names if n != "default" or not base], root))
+        if (root / category / "default.yaml").is_file():
+            cfg = merge(cfg, load_category(category, ["default"], root))
+    for category in CATEGORIES:
+        names = [n for n in (selection.pop(category, None) or []) if n != "default"]
+        cfg = merge(cfg, load_category(category, names, root))
     if selection:
         raise ConfigError(f"unknown config categories {sorted(selection)}; categories are {', '.join(CATEGORIES)}")
     for path, value in overrides:
