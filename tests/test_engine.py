@@ -13,7 +13,7 @@ import xml_plugin
 from xml_plugin import config as C
 from xml_plugin.engine import train as T
 from xml_plugin.engine.cache import FeatureCache
-from xml_plugin.engine.evaluate import retrieval_metrics
+from xml_plugin.engine import retrieval_metrics
 from xml_plugin.engine.io import atomic_write_json, stable_hash
 from xml_plugin.protocol.experiment import Experiment, method_config
 
