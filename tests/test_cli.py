@@ -146,3 +146,21 @@ def test_run_py_exit_code_and_stderr():
     r = subprocess.run([sys.executable, "run.py", "--print_config", "--a.b"], cwd=str(REPO), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "" and "--a.b needs a value" in r.stderr
+
+
+def test_compare_two_finished_experiments_with_row_names(capsys, tmp_path):
+    from xml_plugin.protocol.report import summarize, write_report
+    for name, value in (("a", 0.5), ("b", 0.25)):
+        records = [{"dataset": "cards", "method": m, "embedding": e, "metric": k, "value": value + d}
+                   for m in ("baseline", "xml") for e in ("separate", "concatenated")
+                   for k in ("precision_at_1", "r_precision", "mean_average_precision_at_r") for d in (0.0, 0.01)]
+        write_report(tmp_path / name, summarize(records), name)
+    assert main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--compare_names", "MS", "Contr",
+                 "--latex"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| MS |", "| MS + xml |", "| Contr |", "| Contr + xml |"):
+        assert row in out
+    assert "50.50" in out and "25.50" in out and "\\begin{tabular}" in out
+    # without names the two experiments' rows collide: exit 2 and the message says how to name them
+    assert main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "--compare_names" in capsys.readouterr().err

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="base seed")
     p.add_argument("--experiment_folder", help="parent folder of experiments (default: experiments)")
     p.add_argument("--compare", nargs="+", metavar="EXP", help="make one table from several finished experiment folders")
+    p.add_argument("--compare_names", nargs="+", metavar="NAME",
+                   help="row names for --compare, one per folder (default: each experiment's loss)")
+    p.add_argument("--latex", action="store_true", help="with --compare: print the LaTeX table too")
     p.add_argument("--list", action="store_true", help="list registered components and methods, then exit")
     p.add_argument("--print_config", action="store_true", help="print the merged config and exit")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -130,8 +133,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.compare:
             from .protocol.report import compare
-            md, _ = compare(args.compare)
+            md, tex = compare(args.compare, names=args.compare_names)
             print(md)
+            if args.latex:
+                print(tex)
             return 0
         cfg = C.load(selection, overrides)
         if args.print_config:

@@ -267,7 +267,7 @@ def compare(folders: Sequence, names: Sequence[str] | None = None,
             key = (label, (r["dataset"], r["metric"], r["embedding"]))
             if key in table:
                 raise ValueError(f"row {label!r} has {key[1]} in both {origin[key]} and {folder}: "
-                                 f"pass names= (or experiment.json 'loss') to tell the experiments apart")
+                                 f"give each experiment a row name (--compare_names, or names= in Python)")
             table[key], origin[key] = r, folder
             if label not in row_labels:
                 row_labels.append(label)
