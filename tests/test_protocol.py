@@ -219,3 +219,21 @@ def test_workers_creating_a_new_storage_at_once_do_not_crash(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [o[1][-500:] for o in outs]
     assert all(o[0].strip() == "ok" for o in outs)
+
+
+def test_a_failed_reproduction_is_reported_and_left_out(tiny_cfg, monkeypatch):
+    from xml_plugin.engine import train as T
+    cfg = tiny_cfg(**{"general.methods": ["baseline"], "general.reproductions": 2})
+    exp = Experiment(cfg, "repfail", progress=False)
+    real = T.train_fold
+
+    def flaky(ccfg, ctx, tr, va, run_dir, seed, **kw):
+        if seed == 2000:  # the second reproduction's seed
+            raise T.NonFiniteLossError("training loss is nan at epoch 0, iteration 0")
+        return real(ccfg, ctx, tr, va, run_dir, seed, **kw)
+    monkeypatch.setattr(T, "train_fold", flaky)
+    exp.run()
+    rows = _csv(exp.folder / "report.csv")
+    assert rows and {r["n"] for r in rows} == {"1"}  # only the successful reproduction is averaged
+    reps = _trials(exp, "baseline", "reproductions")
+    assert sorted(t.state.name for t in reps) == ["COMPLETE", "FAIL"]

@@ -144,6 +144,8 @@ def check_compatible(model: EmbeddingModel, loss_module: nn.Module, cfg: Dict[st
 
 
 def _freeze_bn(module: nn.Module) -> None:
+    """``trainer.freeze_bn``: BatchNorm layers in eval mode (running statistics fixed); their affine weights still train
+    (unlike ``models.trunks.freeze_batchnorm``, which also stops their gradients)."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()

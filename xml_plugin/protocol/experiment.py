@@ -256,7 +256,15 @@ class Experiment:
             return concatenated[T.OBJECTIVE]
 
         slots.run_slots(study, n, work)
-        return [t.user_attrs for t in slots.finished_trials(study)]
+        finished = slots.finished_trials(study)
+        failed = [t for t in finished if t.state != optuna.trial.TrialState.COMPLETE]
+        for t in failed:  # a NaN/inf reproduction keeps its slot (it was a real attempt) but has no test metrics
+            print(f"warning: {method} reproduction {t.user_attrs.get(slots.SLOT)} failed: "
+                  f"{t.user_attrs.get(slots.REASON)}", file=sys.stderr)
+        done = [t.user_attrs for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            raise RuntimeError(f"method {method!r}: every reproduction failed; see {self.storage_url}")
+        return done
 
     # ---------------------------------------------------------------- all of it
     def run(self) -> str:
