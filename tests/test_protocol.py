@@ -63,6 +63,14 @@ def test_full_job_budgets_reproductions_report(tiny_cfg):
     for name in ("optimization_history.png", "final_metrics.png", "retrieval_xml.png", "objective_vs_lam.png"):
         assert (exp.folder / name).stat().st_size > 1000, name
     assert (exp.folder / "splits.json").is_file() and (exp.folder / "config.yaml").is_file()
+    # the studies are standard Optuna studies: the optuna command line lists them with their trial counts
+    optuna_cli = Path(sys.executable).parent / "optuna"
+    if optuna_cli.is_file():
+        listing = subprocess.run([str(optuna_cli), "studies", "--storage", exp.storage_url, "-f", "json"],
+                                 capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0, listing.stderr[-2000:]
+        studies = {s["name"]: s["n_trials"] for s in __import__("json").loads(listing.stdout)}
+        assert studies["full.xml.search"] == len(_trials(exp, "xml")) and "full.baseline.reproductions" in studies
     # rerunning the finished job trains nothing and makes the same report
     before = (exp.folder / "report.csv").read_text()
     runs = sorted(p for p in (exp.folder / "runs").rglob("result.json"))
