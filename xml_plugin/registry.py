@@ -255,16 +255,13 @@ def _populate_pml() -> None:
     from pytorch_metric_learning import distances, losses, miners, reducers, samplers
     from pytorch_metric_learning.losses.base_metric_loss_function import BaseMetricLossFunction
 
+    import torch
+
     wrappers = ("CrossBatchMemory", "MultipleLosses", "SelfSupervisedLoss")
     for attr in dir(losses):
         obj = getattr(losses, attr)
-        if not inspect.isclass(obj) or not issubclass(obj, torch_module()):
-            continue
-        if attr.startswith("Base"):
-            continue
-        if attr in wrappers:
-            continue
-        if issubclass(obj, BaseMetricLossFunction) or attr.endswith("Loss"):
+        if (inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and not attr.startswith("Base")
+                and attr not in wrappers and (issubclass(obj, BaseMetricLossFunction) or attr.endswith("Loss"))):
             register("loss", obj)
     register("loss_wrapper", losses.CrossBatchMemory, name="xbm")
     from pytorch_metric_learning.miners.base_miner import BaseMiner
@@ -276,11 +273,6 @@ def _populate_pml() -> None:
     import torch.utils.data
     _register_module_classes("sampler", samplers, torch.utils.data.Sampler)
     register("sampler", samplers.MPerClassSampler, name="m_per_class")
-
-
-def torch_module():
-    import torch
-    return torch.nn.Module
 
 
 def _populate_torch() -> None:

@@ -13,9 +13,8 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
-
 import warnings
+from typing import Any, Callable, Dict, List, Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -55,8 +54,7 @@ def counted(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def slots_done(study: optuna.Study) -> int:
-    return len({t.user_attrs.get(SLOT) for t in study.get_trials(deepcopy=False)
-                if t.state != TrialState.RUNNING and t.state != TrialState.WAITING and counted(t) and SLOT in t.user_attrs})
+    return len(finished_trials(study))
 
 
 def _this_worker() -> str:
@@ -121,17 +119,13 @@ def claim(study: optuna.Study, trial: optuna.Trial, n_slots: int) -> Optional[in
     if mine is None:
         held = {t.user_attrs[SLOT] for t in study.get_trials(deepcopy=False)
                 if t.number != trial.number and counted(t) and SLOT in t.user_attrs}
-        free = [s for s in range(n_slots) if s not in held]
-        if not free:
-            trial.set_user_attr(REASON, SURPLUS)
-            study.tell(trial, state=TrialState.FAIL)
-            return None
-        mine = free[0]
-        trial.set_user_attr(SLOT, mine)
+        mine = next((s for s in range(n_slots) if s not in held), None)
+        if mine is not None:
+            trial.set_user_attr(SLOT, mine)
     # a concurrent worker may have claimed the same slot: the smaller trial number wins
-    rivals = [t for t in study.get_trials(deepcopy=False)
-              if t.number < trial.number and counted(t) and t.user_attrs.get(SLOT) == mine]
-    if rivals or mine >= n_slots:
+    if mine is None or mine >= n_slots or any(
+            t.number < trial.number and counted(t) and t.user_attrs.get(SLOT) == mine
+            for t in study.get_trials(deepcopy=False)):
         trial.set_user_attr(REASON, SURPLUS)
         study.tell(trial, state=TrialState.FAIL)
         return None
@@ -147,10 +141,10 @@ def run_slots(study: optuna.Study, n_slots: int, work: Callable[[optuna.Trial, i
     after the trial is marked failed.
     """
     fail_dead_local_trials(study)
-    while slots_done(study) < n_slots:
+    while (done := slots_done(study)) < n_slots:
         busy = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
                 if SLOT in t.user_attrs or t.state == TrialState.WAITING]
-        if slots_done(study) + len(busy) >= n_slots and not any(t.state == TrialState.WAITING for t in busy):
+        if done + len(busy) >= n_slots and not any(t.state == TrialState.WAITING for t in busy):
             if on_wait is not None:
                 on_wait()
             time.sleep(poll_seconds)
