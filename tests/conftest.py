@@ -35,7 +35,8 @@ def tiny_cfg(tmp_path):
     from xml_plugin import config as C
 
     def make(**extra):
-        return C.load({}, tiny_overrides(tmp_path, **extra))
+        overrides = tiny_overrides(tmp_path, **extra)
+        return C.load(C.with_loss_space({}, overrides), overrides)  # the loss's search space, as the CLI does
     return make
 
 

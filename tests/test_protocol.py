@@ -39,21 +39,25 @@ def test_full_job_budgets_reproductions_report(tiny_cfg):
     cfg = tiny_cfg(**{"general.n_trials": 3})
     exp = Experiment(cfg, "full", progress=False)
     md = exp.run()
-    # the same budget for every method that searches; a method with nothing to search runs once
+    # the same budget for every method: both search multi-similarity's keys, XML also its lambda
     xml_done = [t for t in _trials(exp, "xml") if t.state == optuna.trial.TrialState.COMPLETE]
     base_done = [t for t in _trials(exp, "baseline") if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(xml_done) == 3 and len(base_done) == 1
-    assert {t.user_attrs["slot"] for t in xml_done} == {0, 1, 2}
-    assert all("loss_wrapper.options.lam" in t.params and 0.01 <= t.params["loss_wrapper.options.lam"] <= 10 for t in xml_done)
-    assert base_done[0].params == {}
+    assert len(xml_done) == 3 and len(base_done) == 3
+    assert {t.user_attrs["slot"] for t in xml_done} == {t.user_attrs["slot"] for t in base_done} == {0, 1, 2}
+    loss_keys = {"loss.options.alpha", "loss.options.beta", "loss.options.base"}
+    assert all(set(t.params) == loss_keys for t in base_done)
+    assert all(set(t.params) == loss_keys | {"loss_wrapper.options.lam"} for t in xml_done)
+    assert all(0.01 <= t.params["loss_wrapper.options.lam"] <= 10 and 0.01 <= t.params["loss.options.alpha"] <= 50
+               for t in xml_done)
+    assert "Unequal budgets" not in md
     # each trial's value is the mean of its folds' validation MAP@R
     for t in xml_done:
         folds = [t.user_attrs[f"fold{f}"]["mean_average_precision_at_r"] for f in range(4)]
         assert t.value == pytest.approx(sum(folds) / 4)
     reps = [t for t in _trials(exp, "xml", "reproductions") if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["seed"] for t in reps) == [1000, 2000]
-    rows = _csv(exp.folder / "report.csv")
-    assert list(rows[0]) == ["dataset", "method", "embedding", "metric", "mean", "ci95", "n"]
+    rows = [r for r in _csv(exp.folder / "report.csv") if not r["reference"]]
+    assert list(rows[0]) == ["dataset", "method", "embedding", "metric", "mean", "ci95", "n", "reference", "verdict"]
     assert len(rows) == 2 * 2 * 3 and {r["n"] for r in rows} == {"2"}
     # the separate mean is the mean over reproductions of the folds' mean
     sep = [r for r in rows if r["method"] == "xml" and r["embedding"] == "separate" and r["metric"] == "precision_at_1"][0]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import List, Optional
 
@@ -42,6 +41,8 @@ SHORTHANDS = {
     "reproductions": "general.reproductions",
     "storage": "general.storage",
     "seed": "general.seed",
+    "search": "search.mode",
+    "reference": "general.reference",
     "experiment_folder": "general.experiment_folder",
 }
 
@@ -68,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reproductions", type=int, help="trainings of the best configuration that are tested")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the experiment folder; "
                                      "postgresql://user:pw@host/db for several workers)")
-    p.add_argument("--seed", type=int, help="base seed")
+    p.add_argument("--seed", type=int, help="the one seed: search trials train with it, reproduction r with "
+                                            "seed + 1000 (r + 1), and it seeds the TPE sampler (general.seed)")
+    p.add_argument("--search", choices=("auto", "none", "all"),
+                   help="auto (default): every method searches the loss's hyperparameters (and its own) with the same "
+                        "budget; none: every method runs once at its defaults; all: each method searches what it marks")
+    p.add_argument("--reference", metavar="METHOD",
+                   help="the method every other is compared with, paired by seed (default: the first method)")
+    p.add_argument("--restart", action="store_true",
+                   help="start an experiment whose folder holds another configuration over; the old folder (and its "
+                        "studies) is kept as a backup <name>.backup-<time>")
     p.add_argument("--experiment_folder", help="parent folder of experiments (default: experiments)")
     p.add_argument("--compare", nargs="+", metavar="EXP", help="make one table from several finished experiment folders")
     p.add_argument("--compare_names", nargs="+", metavar="NAME",
@@ -103,25 +113,12 @@ def parse(argv: Optional[List[str]] = None):
     return parser, args, selection, overrides
 
 
-def check_names(cfg: dict) -> None:
-    """Resolve the component and method names of ``cfg`` (raises UnknownComponentError with close matches).
-
-    A single method given as ``--general.methods xml`` becomes the list ``[xml]``.
-    """
-    general = cfg.setdefault("general", {})
-    if isinstance(general.get("methods"), str):
-        general["methods"] = [general["methods"]]
-    for kind in ("dataset", "trunk", "embedder", "pooling", "loss", "miner", "loss_wrapper", "sampler", "optimizer"):
-        spec = cfg.get(kind)
-        if spec and not C.is_search_marker(spec):
-            name = registry.split_spec(spec)[0]
-            if isinstance(name, str):
-                registry.get(kind, name)
-    for method in general.get("methods") or []:
-        registry.get("method", method)
+INPUT_ERRORS = (C.ConfigError, registry.UnknownComponentError, FileNotFoundError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit codes: 0 done, 2 bad input (one message on stderr, no traceback), 130 interrupted; a bug in our code or
+    in a user's component raises (Python prints the traceback and exits with 1)."""
     parser, args, selection, overrides = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
@@ -138,24 +135,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.latex:
                 print(tex)
             return 0
-        cfg = C.load(selection, overrides)
+        selection = C.with_loss_space(selection, overrides)
         if args.print_config:
             import yaml
-            print(yaml.safe_dump(cfg, sort_keys=False))
+            print(yaml.safe_dump(C.load(selection, overrides), sort_keys=False))
             return 0
         if not args.experiment_name:
             parser.error("--experiment_name is required (or --compare / --list / --print_config)")
-        check_names(cfg)  # a typo fails here, before the experiment folder is made
         from .protocol.experiment import Experiment
-        protected = [path for path, _ in overrides if path != "general.methods"]
-        exp = Experiment(cfg, args.experiment_name, progress=not args.no_progress, protected=protected)
+        exp = Experiment(C.load(selection), args.experiment_name, progress=not args.no_progress, overrides=overrides)
+        if args.restart:
+            backup = exp.restart()
+            if backup:
+                print(f"restart: the old experiment is kept as {backup}", file=sys.stderr)
         md = exp.run()
         print(md)
-        print(f"report: {exp.folder / 'report.md'} (also report.csv, report.tex and plots)", file=sys.stderr)
+        print(f"report: {exp.folder / 'report.md'} (also report.csv, report.tex, reproductions.csv and plots)",
+              file=sys.stderr)
         return 0
-    except (C.ConfigError, registry.UnknownComponentError, FileNotFoundError, TypeError, ValueError) as exc:
-        if os.environ.get("XML_PLUGIN_DEBUG"):
-            raise
+    except INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -62,7 +62,10 @@ def available(category: str, root: Optional[Path] = None) -> List[str]:
 
 def load_yaml(path: Path) -> Dict[str, Any]:
     with open(path) as f:
-        data = yaml.load(f, Loader=_Loader)
+        try:
+            data = yaml.load(f, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -132,6 +135,39 @@ def load(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterab
     for path, value in overrides:
         cfg = apply_override(cfg, path, value)
     return cfg
+
+
+LOSS_SPACES = "config_loss_and_miners"
+
+
+def loss_space_file(cfg: Dict[str, Any], root: Optional[Path] = None) -> Optional[str]:
+    """The shipped search space of the config's loss: ``config_loss_and_miners/<canonical loss name>.yaml``, if any."""
+    from . import registry
+    spec = cfg.get("loss")
+    if not spec or is_search_marker(spec):
+        return None
+    name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
+    if not isinstance(name, str):
+        return None
+    try:
+        name = registry.canonical_name("loss", name)
+    except registry.UnknownComponentError:
+        return None  # reported with close matches by the caller's name check
+    return name if (Path(root or config_root()) / LOSS_SPACES / f"{name}.yaml").is_file() else None
+
+
+def with_loss_space(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterable[Tuple[str, Any]] = (),
+                    root: Optional[Path] = None) -> Dict[str, List[str]]:
+    """``selection`` with the loss's own search space (``config_loss_and_miners/<loss>.yaml``, the loss named after
+    the overrides) put first in its category, right after the default and before the user's files, so that every
+    method searches the loss's hyperparameters unless the user fixes them. ``search.loss_space: false`` turns it off."""
+    chosen = {k: list(v) for k, v in (selection or {}).items() if v}
+    cfg = load(chosen, overrides, root)
+    space = loss_space_file(cfg, root)
+    if space is None or not (cfg.get("search") or {}).get("loss_space", True):
+        return chosen
+    chosen[LOSS_SPACES] = [space] + [n for n in chosen.get(LOSS_SPACES, []) if n != space]
+    return chosen
 
 
 def apply_override(cfg: Dict[str, Any], dotted: str, value: Any = None) -> Dict[str, Any]:
@@ -319,3 +355,61 @@ def dump(cfg: Dict[str, Any], path: Path) -> None:
     """Write ``cfg`` as YAML atomically."""
     from .engine.io import atomic_write_text
     atomic_write_text(Path(path), yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False))
+
+
+# --------------------------------------------------------------------------------------------
+# strict keys
+
+METHOD_OVERRIDES = "method_overrides"
+
+
+def schema(root: Optional[Path] = None) -> Dict[str, Any]:
+    """The known keys: every category's ``default.yaml`` merged, plus the sections the method overlays set."""
+    root = root or config_root()
+    known: Dict[str, Any] = {}
+    for category in CATEGORIES:
+        if (root / category / "default.yaml").is_file():
+            known = merge(known, load_yaml(root / category / "default.yaml"))
+    for path in sorted((root / "config_methods").glob("*.yaml")):
+        for key, value in load_yaml(path).items():
+            known.setdefault(key, None if isinstance(value, dict) and "name" in value else value)
+    return known
+
+
+def _is_component(value: Any) -> bool:
+    """A component section (``{name: ..., options: ...}`` or null until a method sets it): its options are checked
+    against the component's constructor, not here."""
+    return value is None or (isinstance(value, dict) and "name" in value)
+
+
+def check_keys(cfg: Dict[str, Any], known: Optional[Dict[str, Any]] = None, prefix: str = "") -> None:
+    """Raise ConfigError for a key that no default config has (a typo such as ``trainer.batchsize``), with close matches.
+
+    Mappings that are empty in the defaults (``dataset.options``) and component sections are free-form here.
+    """
+    import difflib
+    top = known is None
+    known = schema() if known is None else known
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if top and key == METHOD_OVERRIDES:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{METHOD_OVERRIDES} must map method names to config sections, got {value!r}")
+            for method, sub in (value or {}).items():
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{METHOD_OVERRIDES}.{method} must be a mapping of config sections, got {sub!r}")
+                check_keys(sub, known, f"{METHOD_OVERRIDES}.{method}.")
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, [str(k) for k in known], n=3)
+            hint = f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
+            raise ConfigError(f"unknown config key {path!r}: {hint}known keys here: {', '.join(map(str, known))} "
+                              f"(run.py --print_config shows the whole config)")
+        spec = known[key]
+        if _is_component(spec) and prefix.count(".") == (2 if prefix.startswith(METHOD_OVERRIDES) else 0):
+            if isinstance(value, dict) and not is_search_marker(value) and "name" not in value:
+                raise ConfigError(f"{path} has no 'name': give the component, e.g. --{path}.name NAME, "
+                                  f"or set it as '{{name: NAME, options: {{...}}}}'")
+            continue
+        if isinstance(spec, dict) and spec and isinstance(value, dict) and not is_search_marker(value):
+            check_keys(value, spec, path + ".")

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import optuna
@@ -17,7 +17,7 @@ from .. import config as C
 from .. import registry
 from ..engine import train as T
 from ..engine.cache import FeatureCache
-from ..engine.evaluate import METRICS, split_metrics
+from ..engine.evaluate import split_metrics
 from ..engine.io import atomic_write_json, read_json, stable_hash
 from ..engine.model import build_trunk, frozen_blocks
 from . import slots
@@ -34,26 +34,44 @@ class TrialFailed(RuntimeError):
 METHOD_OVERRIDES = "method_overrides"
 
 
-def method_config(cfg: Dict[str, Any], method: str, protected: Sequence[str] = ()) -> Dict[str, Any]:
-    """The base config, then the method's overlay (``config_methods/<method>.yaml`` or a registered dict), then
-    ``method_overrides.<method>`` (the user's values for that method only).
+COMPONENT_SECTIONS = ("loss_wrapper", "miner", "lr_scheduler")  # sections that are null unless a method or the user sets them
 
-    ``protected``: dotted paths the user set on the command line; an overlay that would silently replace one is an
-    error that says how to set it for this method.
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[Tuple[str, Any]]) -> Tuple[Dict[str, Any], List[str]]:
+    """``cfg`` with the command-line overrides applied; returns it and the overrides that do not apply to it.
+
+    An override inside a component section that is null here (``--loss_wrapper.options.lam 0.3`` for ``baseline``,
+    whose ``loss_wrapper`` is null) does not apply: it is for the methods that have that section.
     """
+    skipped = []
+    for path, value in overrides:
+        head = path.split("~")[0].split(".")
+        if (len(head) > 1 and head[0] in COMPONENT_SECTIONS and not cfg.get(head[0])) or (
+                len(head) == 1 and head[0] in COMPONENT_SECTIONS and not cfg.get(head[0])
+                and isinstance(value, dict) and "name" not in value):
+            skipped.append(path)
+            continue
+        cfg = C.apply_override(cfg, path, value)
+    return cfg, skipped
+
+
+def method_config(cfg: Dict[str, Any], method: str, overrides: Sequence[Tuple[str, Any]] = ()) -> Dict[str, Any]:
+    """The base config, then the method's overlay (``config_methods/<method>.yaml`` or a registered dict), then the
+    command-line ``overrides`` (they win over the overlay), then ``method_overrides.<method>`` (values for that method
+    only). Search markers stay; see :meth:`Experiment.method_config` for ``search.mode``."""
+    return _method_config(cfg, method, overrides)[0]
+
+
+def _method_config(cfg, method, overrides):
+    """:func:`method_config` and the overrides that did not apply to this method."""
     overlay = registry.get("method", method)
     if callable(overlay):
         overlay = overlay(copy.deepcopy(cfg))
     overlay = overlay or {}
-    for path in protected:
-        path = path.split("~")[0]
-        for leaf in C.leaf_paths(overlay):
-            if path == leaf or path.startswith(leaf + ".") or leaf.startswith(path + "."):
-                raise C.ConfigError(
-                    f"method {method!r} sets {leaf} itself, so --{path} would be ignored for it; set it for this method "
-                    f"with --{METHOD_OVERRIDES}.{method}.{path} VALUE (or leave {method!r} out of --methods)")
     base = {k: v for k, v in cfg.items() if k != METHOD_OVERRIDES}
-    return C.merge(C.merge(base, overlay), (cfg.get(METHOD_OVERRIDES) or {}).get(method) or {})
+    out, skipped = apply_overrides(C.merge(base, overlay), overrides)
+    per_method = C.merge(cfg.get(METHOD_OVERRIDES) or {}, out.pop(METHOD_OVERRIDES, None) or {})
+    return C.merge(out, per_method.get(method) or {}), skipped
 
 
 def training_key(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -62,33 +80,187 @@ def training_key(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "cache_views": cfg.get("cache", {}).get("views")}
 
 
+def open_storage(url: str, heartbeat_seconds: int):
+    """The Optuna storage at ``url``; a URL that cannot be opened is input (ConfigError naming host, port and fix)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, OperationalError
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise C.ConfigError(f"--storage {url!r} is not a database URL ({exc}); use e.g. "
+                            f"sqlite:///path/optuna.db or postgresql://user:password@host:5432/dbname") from None
+    try:
+        return slots.make_storage(url, heartbeat_seconds)
+    except OperationalError as exc:
+        where = parsed.database if parsed.get_backend_name() == "sqlite" else \
+            f"host {parsed.host or 'localhost'}, port {parsed.port or 'default'}, database {parsed.database}"
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+        raise C.ConfigError(f"cannot open the Optuna storage {parsed.render_as_string(hide_password=True)} ({where}): "
+                            f"{reason}. Is the server running and reachable, and do the user and database exist?") from None
+    except (ModuleNotFoundError, ImportError) as exc:
+        raise C.ConfigError(f"--storage {parsed.render_as_string(hide_password=True)} needs a database driver that is "
+                            f"not installed ({exc}); for PostgreSQL: pip install 'psycopg[binary]'") from None
+
+
+NOT_RESULTS = {"general": ("experiment_folder", "storage", "num_threads", "heartbeat_seconds", "methods", "reference",
+                            "n_trials", "reproductions", "seed"),
+               "trainer": ("num_workers", "logs"), "eval": ("batch_size",), "cache": ("folder", "batch_size"),
+               METHOD_OVERRIDES: None}
+
+
+def result_view(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` without what cannot change a result (folders, storage, threads, logging; the budget is kept apart)."""
+    out = copy.deepcopy(cfg)
+    for section, keys in NOT_RESULTS.items():
+        if keys is None:
+            out.pop(section, None)
+        elif isinstance(out.get(section), dict):
+            for k in keys:
+                out[section].pop(k, None)
+    return out
+
+
+def fingerprint_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """``'path: old -> new'`` for every leaf that differs (methods compared where both have them)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict) and v and not C.is_search_marker(v):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a = flat({"shared": old.get("shared"), "methods": {m: c for m, c in old.get("methods", {}).items()
+                                                        if m in new.get("methods", {})}})
+    b = flat({"shared": new.get("shared"), "methods": {m: c for m, c in new.get("methods", {}).items()
+                                                        if m in old.get("methods", {})}})
+    return [f"{k.removeprefix('shared.').removeprefix('budget.')}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(unset)") != b.get(k, "(unset)")]
+
+
+def _marker_range(marker: Dict[str, Any]) -> str:
+    if marker["search"] == "categorical":
+        return "{" + ", ".join(map(str, marker["choices"])) + "}"
+    return f"[{marker['low']:g}, {marker['high']:g}]" + (" log" if marker.get("log") else "")
+
+
+def check_numbers(cfg: Dict[str, Any]) -> None:
+    """Range checks of the protocol's numbers (ConfigError naming the key and the accepted range)."""
+    def need(path: str, ok, what: str) -> None:
+        value = C.get_path(cfg, path)
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise C.ConfigError(f"{path} must be {what}, got {value!r} (set it with --{path} VALUE)")
+
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    need("general.n_trials", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("general.reproductions", lambda v: is_int(v) and v >= 1, "an integer >= 1 (2 or more for an interval)")
+    need("dataset.num_folds", lambda v: is_int(v) and v >= 2, "an integer >= 2")
+    need("dataset.test_fraction", lambda v: 0 < float(v) < 1, "a fraction in (0, 1)")
+    need("trainer.batch_size", lambda v: is_int(v) and v >= 2, "an integer >= 2")
+    need("trainer.iterations_per_epoch", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("trainer.max_epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("trainer.patience", lambda v: v is None or (is_int(v) and v >= 0), "null or an integer >= 0")
+    need("cache.views", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("general.methods", lambda v: isinstance(v, list) and len(v) >= 1 and len(set(v)) == len(v),
+         "a non-empty list of distinct method names")
+    need("search.mode", lambda v: v in ("auto", "none", "all"), "one of auto, none, all")
+    sampler = cfg.get("sampler") or {}
+    if isinstance(sampler, dict) and registry.split_spec(sampler)[0] in ("m_per_class", "MPerClassSampler"):
+        m = (sampler.get("options") or {}).get("m", 4)
+        bs = cfg["trainer"]["batch_size"]
+        if not (isinstance(m, int) and m >= 1 and bs % m == 0 and bs // m >= 2):
+            raise C.ConfigError(f"trainer.batch_size {bs} must be a multiple of the sampler's m = {m} with at least 2 "
+                                f"classes per batch (e.g. --trainer.batch_size {max(2, 2 * m) if isinstance(m, int) else 32})")
+    ref = (cfg.get("general") or {}).get("reference")
+    if ref is not None and ref not in cfg["general"]["methods"]:
+        raise C.ConfigError(f"general.reference {ref!r} is not one of the compared methods {cfg['general']['methods']}")
+
+
 class Experiment:
     """One experiment folder: ``config.yaml``, ``splits.json``, ``optuna.db`` (default storage), ``runs/``, the report."""
 
-    def __init__(self, cfg: Dict[str, Any], name: str, progress: bool = True, protected: Sequence[str] = ()):
-        self.cfg, self.name, self.progress, self.protected = cfg, name, progress, tuple(protected)
+    def __init__(self, cfg: Dict[str, Any], name: str, progress: bool = True,
+                 overrides: Sequence[Tuple[str, Any]] = ()):
+        """``cfg``: the merged config files; ``overrides``: the command line's ``(dotted path, value)`` pairs, applied
+        over ``cfg`` and over every method's overlay (see :func:`method_config`)."""
+        self.base_cfg, self.overrides = cfg, list(overrides)
+        cfg, _ = apply_overrides(cfg, self.overrides)
+        self.cfg, self.name, self.progress = cfg, name, progress
+        C.check_keys(cfg)
+        check_numbers(cfg)
         g = cfg["general"]
         self.folder = Path(g["experiment_folder"]) / name
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.storage_url = g.get("storage") or f"sqlite:///{(self.folder / 'optuna.db').resolve()}"
         self.methods: List[str] = [registry.canonical_name("method", m) for m in g["methods"]]
         unknown = set((cfg.get(METHOD_OVERRIDES) or {})) - set(self.methods)
         if unknown:
             raise C.ConfigError(f"{METHOD_OVERRIDES} names methods that are not compared: {sorted(unknown)} "
                                 f"(methods: {self.methods})")
+        unused = set(path for path, _ in self.overrides)
         for m in self.methods:  # every method's config must be valid before anything runs
-            self._validate(self.method_config(m), m)
+            mcfg = self.method_config(m)
+            unused &= set(_method_config(self.base_cfg, m, self.overrides)[1])
+            C.check_keys(mcfg)
+            self._validate(mcfg, m)
+        if unused:
+            raise C.ConfigError(f"--{sorted(unused)[0]} applies to none of the compared methods {self.methods}: its "
+                                f"section is null for all of them (compare a method that sets it, e.g. --methods "
+                                f"baseline xml, or give the whole section with a name)")
         self.ctx: Optional[T.RunContext] = None
         self._storage = None
 
     # ---------------------------------------------------------------- set-up
+    @property
+    def search_mode(self) -> str:
+        """``none`` (every method runs once), ``shared`` (every method searches with the same budget) or ``own``
+        (``search.mode: all``: each method searches what it marks, budgets may differ)."""
+        mode = (self.cfg.get("search") or {}).get("mode", "auto")
+        if mode == "all":
+            return "own"
+        shared = C.search_space({k: v for k, v in self.cfg.items() if k != METHOD_OVERRIDES})
+        return "shared" if mode == "auto" and shared else "none"
+
     def method_config(self, method: str) -> Dict[str, Any]:
-        return method_config(self.cfg, method, self.protected)
+        """The method's config; its search markers resolved to their defaults when nothing is searched."""
+        mcfg = method_config(self.base_cfg, method, self.overrides)
+        return C.resolve(mcfg) if self.search_mode == "none" else mcfg
+
+    def restart(self) -> Optional[Path]:
+        """``--restart``: move the experiment folder to ``<name>.backup-<time>`` and, in a storage outside it, copy its
+        studies under the backup's name before deleting them. Returns the backup folder (None: nothing to keep)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = self.folder.with_name(f"{self.folder.name}.backup-{stamp}")
+        if self.cfg["general"].get("storage"):
+            names = [s.study_name for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False)
+                     if s.study_name.startswith(f"{self.name}.")]
+            for study_name in names:
+                optuna.copy_study(from_study_name=study_name, from_storage=self.storage, to_storage=self.storage,
+                                  to_study_name=f"{backup.name}{study_name[len(self.name):]}")
+                optuna.delete_study(study_name=study_name, storage=self.storage)
+        if not self.folder.exists():
+            return None
+        self.folder.rename(backup)
+        return backup
 
     def _validate(self, mcfg: Dict[str, Any], method: str) -> None:
         C.search_space(mcfg)  # marker errors
-        for kind, key in (("loss", "loss"), ("pooling", "pooling"), ("optimizer", "optimizer"), ("trunk", "trunk")):
-            registry.get(kind, registry.split_spec(mcfg[key])[0])
+        for kind in ("dataset", "trunk", "embedder", "pooling", "loss", "optimizer", "sampler", "miner",
+                     "loss_wrapper", "lr_scheduler"):
+            spec = mcfg.get(kind)
+            if spec and not C.is_search_marker(spec):
+                name = registry.split_spec(spec)[0]
+                if isinstance(name, str):
+                    registry.get(kind, name)
+        check_options = getattr(registry, "check_options", None)
+        if check_options is not None:  # each component's options against its constructor
+            resolved = C.resolve(mcfg)
+            for kind in ("loss", "miner", "loss_wrapper", "pooling", "sampler"):
+                if resolved.get(kind):
+                    check_options(kind, resolved[kind])
         if mcfg.get("loss_wrapper"):
             wrapper = registry.get("loss_wrapper", registry.split_spec(mcfg["loss_wrapper"])[0])
             pooling = registry.get("pooling", registry.split_spec(mcfg["pooling"])[0])
@@ -103,7 +275,7 @@ class Experiment:
     def storage(self):
         if self._storage is None:
             g = self.cfg["general"]
-            self._storage = slots.make_storage(self.storage_url, int(g.get("heartbeat_seconds", 5)))
+            self._storage = open_storage(self.storage_url, int(g.get("heartbeat_seconds", 5)))
         return self._storage
 
     def setup(self) -> T.RunContext:
@@ -113,7 +285,6 @@ class Experiment:
         from ..data import eval_transform, get_dataset, protocol_splits, train_transform
 
         cfg = self.cfg
-        C.dump(cfg, self.folder / "config.yaml")
         device = T.select_device(cfg["general"].get("device", "auto"))
         threads = cfg["general"].get("num_threads")
         if threads:  # torch and faiss (OpenMP) alike: several workers on one machine must not oversubscribe it
@@ -124,15 +295,7 @@ class Experiment:
         ds_options = {**(ds_cfg.get("options_for") or {}).get(ds_cfg["name"], {}), **(ds_cfg.get("options") or {})}
         dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **ds_options)
         labels = np.asarray(dataset.labels, dtype=np.int64)
-        split_path = self.folder / "splits.json"
         split = protocol_splits(dataset, test_fraction=ds_cfg.get("test_fraction", 0.5), num_folds=ds_cfg.get("num_folds", 4))
-        if split_path.is_file():
-            saved = read_json(split_path)
-            if saved != split.to_dict():
-                raise C.ConfigError(f"{split_path} holds other splits than this config makes (another data set or options?); "
-                                    f"use a new --experiment_name or delete the folder {self.folder}")
-        else:
-            split.save(split_path)
         self.split = split
         trunk = build_trunk(cfg)
         k = frozen_blocks(cfg, trunk, device)
@@ -142,6 +305,9 @@ class Experiment:
         train_tf = train_transform(size, trunk.mean, trunk.std, **train_opts)
         eval_tf = eval_transform(size, trunk.mean, trunk.std)
         cache_cfg = cfg.get("cache", {})
+        self.resolved = {"device_type": device.type, "frozen_blocks": k, "image_size": size,
+                         "cache_views": int(cache_cfg.get("views", 5)) if k > 0 and cache_cfg.get("enabled", True) else 0}
+        self._claim_folder(dataset, split)
         cache = None
         if k > 0 and cache_cfg.get("enabled", True):
             from ..data import cache_root
@@ -154,14 +320,61 @@ class Experiment:
                                                      seed=int(cache_cfg.get("seed", 0)), progress=self.progress)
         source = T.FeatureSource(dataset, cache, train_tf, eval_tf, int(cfg["trainer"].get("num_workers", 0)))
         self.ctx = T.RunContext(dataset, labels, source, trunk, k, device, self.progress)
-        atomic_write_json(self.folder / "experiment.json", {
-            "name": self.name, "dataset": ds_cfg["name"], "loss": registry.split_spec(cfg["loss"])[0],
-            "methods": self.methods, "storage": self.storage_url if not self.cfg["general"].get("storage") else "(given)"})
         return self.ctx
+
+    def fingerprint(self, dataset) -> Dict[str, Any]:
+        """What decides this experiment's results: every method's config (overlays, overrides, search markers),
+        the values ``auto`` resolved to here (device type, frozen blocks, cache views, image size), the budget and
+        the data set's content."""
+        return {"methods": {m: result_view(self.method_config(m)) for m in self.methods},
+                "shared": {"resolved": self.resolved, "dataset": dataset.fingerprint(),
+                           "budget": {"n_trials": self.cfg["general"]["n_trials"],
+                                      "reproductions": self.cfg["general"]["reproductions"],
+                                      "search_mode": self.search_mode, "seed": self.cfg["general"].get("seed", 0)}}}
+
+    def _claim_folder(self, dataset, split) -> None:
+        """Refuse a folder that holds another configuration's results (nothing is written then); else write
+        ``config.yaml``, ``splits.json`` and ``experiment.json`` (fingerprint, versions)."""
+        fp = self.fingerprint(dataset)
+        self.fingerprint_hash = stable_hash(fp["shared"])
+        path = self.folder / "experiment.json"
+        old = read_json(path) if path.is_file() else None
+        if old is not None:
+            before = old.get("fingerprint")
+            if before is None:
+                raise C.ConfigError(f"{self.folder} was made by an older version of this benchmark without a "
+                                    f"fingerprint: use a new --experiment_name, or --restart to start it over "
+                                    f"(the old folder is kept as a backup)")
+            diffs = fingerprint_diff(before, fp)
+            if diffs:
+                shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+                raise C.ConfigError(f"experiment {self.name!r} was run with another configuration ({shown}): use a new "
+                                    f"--experiment_name, or add --restart to start it over (the old folder is kept as "
+                                    f"a backup)")
+            fp["methods"] = {**before["methods"], **fp["methods"]}
+        split_path = self.folder / "splits.json"
+        if split_path.is_file() and read_json(split_path) != split.to_dict():
+            raise C.ConfigError(f"{split_path} holds other splits than this config makes (another data set or options?); "
+                                f"use a new --experiment_name, or add --restart to start the experiment over")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        C.dump(self.cfg, self.folder / "config.yaml")
+        if not split_path.is_file():
+            split.save(split_path)
+        import optuna as _optuna
+        import pytorch_metric_learning
+        atomic_write_json(path, {
+            "name": self.name, "dataset": self.cfg["dataset"]["name"], "loss": registry.split_spec(self.cfg["loss"])[0],
+            "methods": self.methods, "reference": self.reference,
+            "storage": self.storage_url if not self.cfg["general"].get("storage") else "(given)",
+            "versions": {"torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
+                         "optuna": _optuna.__version__},
+            "fingerprint": fp})
 
     # ---------------------------------------------------------------- training units
     def run_dir(self, method: str, ccfg: Dict[str, Any], fold: int, seed: int) -> Path:
-        return self.folder / "runs" / method / stable_hash({"cfg": training_key(ccfg), "fold": fold, "seed": seed})
+        """``runs/<method>/<hash>``: the hash covers the training config, the values ``auto`` resolved to, fold, seed."""
+        return self.folder / "runs" / method / stable_hash({"cfg": training_key(ccfg), "resolved": self.resolved,
+                                                            "fold": fold, "seed": seed})
 
     def _train(self, method: str, ccfg: Dict[str, Any], fold: int, seed: int, desc: str, on_epoch=None) -> Dict[str, Any]:
         tr, va = self.split.folds[fold]
@@ -176,13 +389,44 @@ class Experiment:
         search = self.cfg.get("search", {})
         pruner = optuna.pruners.MedianPruner(n_startup_trials=int(search.get("pruner_startup_trials", 3))) \
             if g.get("pruner", "none") == "median" else optuna.pruners.NopPruner()
-        return optuna.create_study(study_name=f"{self.name}.{method}.{part}", storage=self.storage, direction="maximize",
-                                   sampler=self.sampler(0), pruner=pruner, load_if_exists=True)
+        study = optuna.create_study(study_name=f"{self.name}.{method}.{part}", storage=self.storage,
+                                    direction="maximize", sampler=self.sampler(0), pruner=pruner, load_if_exists=True)
+        # workers sharing a storage must run the same configuration
+        mine = stable_hash({"shared": self.fingerprint_hash, "method": self._method_fingerprint(method)})
+        theirs = study.user_attrs.get("fingerprint")
+        if theirs is None:
+            study.set_user_attr("fingerprint", mine)
+            study.set_user_attr("role", "search trials (one per slot; surplus/retried trials are bookkeeping)"
+                                if part == "search" else "reproductions of the best search trial, tested")
+        elif theirs != mine:
+            raise C.ConfigError(f"the study {study.study_name} in {self.storage_url} was made with another "
+                                f"configuration of {method!r} (another worker's or an earlier run's): use the same "
+                                f"config on every worker, or a new --experiment_name")
+        return study
+
+    @property
+    def recall_ks(self) -> Optional[List[int]]:
+        """Recall@K's K values (``eval.recall_at``), or None."""
+        ks = (self.cfg.get("eval") or {}).get("recall_at")
+        return [int(k) for k in ks] if ks else None
+
+    @property
+    def _recall(self) -> Dict[str, Any]:
+        return {"recall_ks": self.recall_ks} if self.recall_ks else {}
+
+    def _method_fingerprint(self, method: str) -> str:
+        return stable_hash(result_view(self.method_config(method)))
+
+    @property
+    def reference(self) -> str:
+        """The method the others are compared with (``general.reference``, default the first method)."""
+        ref = self.cfg["general"].get("reference")
+        return registry.canonical_name("method", ref) if ref else self.methods[0]
 
     def sampler(self, slot: int) -> optuna.samplers.BaseSampler:
-        """TPE, seeded by the search seed and the slot."""
+        """TPE, seeded by ``general.seed`` (the one seed, ``--seed``) and the slot."""
         search = self.cfg.get("search", {})
-        seed = int(search.get("seed", self.cfg["general"].get("seed", 0))) + 7919 * slot
+        seed = int(self.cfg["general"].get("seed", 0)) + 7919 * slot
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(search.get("n_startup_trials", 5)))
 
     def n_trials(self, method: str) -> int:
@@ -244,10 +488,10 @@ class Experiment:
                 model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
                 e = T.embed(model, self.ctx, test, eval_bs)
                 embs.append(torch.nn.functional.normalize(e, dim=1))
-                per_fold.append(split_metrics(e, test_labels, is_q, is_g))
-            separate = {m: float(np.mean([r[m] for r in per_fold])) for m in METRICS}
+                per_fold.append(split_metrics(e, test_labels, is_q, is_g, **self._recall))
+            separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}  # the folds' mean
             cat = torch.cat(embs, dim=1)  # [N, folds * d]
-            concatenated = split_metrics(cat, test_labels, is_q, is_g)
+            concatenated = split_metrics(cat, test_labels, is_q, is_g, **self._recall)
             if slot == 0:
                 np.save(self.folder / f"test_embeddings_{method}.npy", cat.numpy())
             trial.set_user_attr("separate", separate)
@@ -279,26 +523,59 @@ class Experiment:
         print(f"wall time of this invocation: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         return md
 
+    def search_summary(self, method: str) -> Dict[str, Any]:
+        """Completed / pruned / failed trials of the method's search, its searched keys and ranges, its best trial."""
+        finished = slots.finished_trials(self.study(method, "search"))
+        done = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+        best = max(done, key=lambda t: t.value) if done else None
+        return {"completed": len(done), "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in finished),
+                "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in finished),
+                "space": C.search_space(self.method_config(method)),
+                "best": dict(best.params) if best else {}, "best_value": best.value if best else None}
+
     def write_report(self, results, best_params) -> str:
         from . import plots, report
 
         dataset = self.cfg["dataset"]["name"]
-        records = []
+        records, per_fold = [], []
         for method, reps in results.items():
             for rep in reps:
+                slot, seed = rep.get(slots.SLOT), rep["seed"]
                 for emb in report.EMBEDDINGS:
-                    for metric in METRICS:
+                    for metric, value in rep[emb].items():
                         records.append({"dataset": dataset, "method": method, "embedding": emb, "metric": metric,
-                                        "value": rep[emb][metric]})
+                                        "value": value, "seed": seed, "reproduction": slot})
+                for fold, metrics in enumerate(rep["folds"]):
+                    for metric, value in metrics.items():
+                        per_fold.append({"dataset": dataset, "method": method, "embedding": "fold", "metric": metric,
+                                         "value": value, "seed": seed, "reproduction": slot, "fold": fold})
         rows = report.summarize(records)
+        diffs = report.paired_differences(records, self.reference)
         loss = registry.split_spec(self.cfg["loss"])[0]
-        lines = [f"Loss: `{loss}`; data set: `{dataset}`; {len(self.split.folds)} folds; "
-                 f"search budget: {self.cfg['general']['n_trials']} trials per searched method; "
-                 f"reproductions: {self.cfg['general']['reproductions']}. Values in %, mean ± 95% CI half-width.", ""]
-        for method in self.methods:
-            p = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in best_params[method].items())
-            lines.append(f"- best parameters of `{method}`: {p or '(nothing searched)'}")
-        md = report.write_report(self.folder, rows, f"{self.name}: {loss} on {dataset}", notes="\n".join(lines))
+        summaries = {m: self.search_summary(m) for m in self.methods}
+        preface = ""
+        completed = {m: s["completed"] for m, s in summaries.items()}
+        if len(set(completed.values())) > 1:
+            preface = ("**Unequal budgets: the methods did not get the same number of completed search trials ("
+                       + ", ".join(f"{m}: {n}" for m, n in completed.items())
+                       + "). The comparison is not a fair one.**")
+        mode = {"shared": "every method searched the same shared keys plus its own",
+                "none": "nothing searched: every method ran once at its defaults",
+                "own": "search.mode all: each method searched its own keys"}[self.search_mode]
+        lines = [f"Loss: `{loss}`; data set: `{dataset}`; {len(self.split.folds)} folds; search: {mode}; "
+                 f"budget: {self.cfg['general']['n_trials']} trials per searching method; "
+                 f"reproductions: {self.cfg['general']['reproductions']}; reference: `{self.reference}`.", "",
+                 "| Method | completed trials | searched keys (range) | best values | best validation MAP@R |",
+                 "|---|---:|---|---|---:|"]
+        for method, sm in summaries.items():
+            keys = "; ".join(f"`{k}` {_marker_range(v)}" for k, v in sm["space"].items()) or "(none)"
+            best = "; ".join(f"`{k}` = {v:.4g}" if isinstance(v, float) else f"`{k}` = {v}"
+                             for k, v in sm["best"].items()) or "(defaults)"
+            value = "–" if sm["best_value"] is None else f"{100 * sm['best_value']:.2f}"
+            extra = "".join(f", {sm[k]} {k}" for k in ("pruned", "failed") if sm[k])
+            lines.append(f"| {method} | {sm['completed']}{extra} | {keys} | {best} | {value} |")
+        md = report.write_report(self.folder, rows, f"{self.name}: {loss} on {dataset}", notes="\n".join(lines),
+                                 diffs=diffs, preface=preface, reproductions=per_fold + records)
         self._plots(plots, rows)
         return md
 
