@@ -249,3 +249,77 @@ def test_a_failed_reproduction_is_reported_and_left_out(tiny_cfg, monkeypatch):
     assert rows and {r["n"] for r in rows} == {"1"}  # only the successful reproduction is averaged
     reps = _trials(exp, "baseline", "reproductions")
     assert sorted(t.state.name for t in reps) == ["COMPLETE", "FAIL"]
+
+
+def test_reproductions_csv_recomputes_means_and_paired_intervals(tiny_cfg):
+    """Every number of report.csv follows from reproductions.csv (recomputed here with scipy), and the verdicts
+    follow from the paired intervals."""
+    import numpy as np
+    from scipy import stats
+
+    cfg = tiny_cfg(**{"general.n_trials": 1, "general.reproductions": 3, "trainer.iterations_per_epoch": 2,
+                      "trainer.max_epochs": 1, "embedder.size": 4})
+    exp = Experiment(cfg, "paired", progress=False)
+    md = exp.run()
+    reps = _csv(exp.folder / "reproductions.csv")
+    assert list(reps[0]) == ["dataset", "method", "reproduction", "seed", "fold", "embedding", "metric", "value"]
+    values = {}
+    for r in reps:
+        values.setdefault((r["method"], r["embedding"], r["metric"]), {}).setdefault(r["seed"], []).append(
+            (r["fold"], float(r["value"])))
+    # separate = the mean of the four fold models' metrics of that reproduction
+    for (method, emb, metric), by_seed in values.items():
+        if emb != "separate":
+            continue
+        for seed, ((fold, v),) in by_seed.items():
+            folds = [x for f, x in values[(method, "fold", metric)][seed]]
+            assert fold == "" and len(folds) == 4 and v == pytest.approx(np.mean(folds), abs=1e-12)
+    report = _csv(exp.folder / "report.csv")
+    means = [r for r in report if not r["reference"]]
+    diffs = [r for r in report if r["reference"]]
+    assert means and diffs and {r["reference"] for r in diffs} == {"baseline"} and {r["method"] for r in diffs} == {"xml"}
+    for r in means:
+        x = np.array([v for [(f, v)] in values[(r["method"], r["embedding"], r["metric"])].values()])
+        assert len(x) == int(r["n"]) == 3
+        assert float(r["mean"]) == pytest.approx(x.mean(), abs=1e-12)
+        if x.std() > 0:
+            lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+            assert float(r["ci95"]) == pytest.approx((hi - lo) / 2, rel=1e-9)
+    nontrivial = 0
+    for r in diffs:
+        a = values[("xml", r["embedding"], r["metric"])]
+        b = values[("baseline", r["embedding"], r["metric"])]
+        d = np.array([a[s][0][1] - b[s][0][1] for s in sorted(a)])  # paired by seed
+        assert float(r["mean"]) == pytest.approx(d.mean(), abs=1e-12)
+        if d.std() > 0:
+            nontrivial += 1
+            lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+            assert float(r["ci95"]) == pytest.approx((hi - lo) / 2, rel=1e-9)
+            assert r["verdict"] == ("better" if lo > 0 else "worse" if hi < 0 else "no difference detected")
+    assert nontrivial  # the tiny run is not degenerate: some differences vary between seeds
+    assert "Paired differences with `baseline`" in md and "| xml | Sep. |" in md
+
+
+def test_search_none_and_a_loss_with_nothing_to_search_run_every_method_once(tiny_cfg):
+    for name, extra in (("none", {"search.mode": "none"}), ("npairs", {"loss": {"name": "n_pairs"}})):
+        cfg = tiny_cfg(**{"general.reproductions": 1, "general.n_trials": 3, **extra})
+        exp = Experiment(cfg, name, progress=False)
+        md = exp.run()
+        for method in ("baseline", "xml"):
+            trials = [t for t in _trials(exp, method) if t.user_attrs.get("fail_reason") != "surplus"]
+            assert len(trials) == 1 and trials[0].params == {}, (name, method)
+        # the markers' defaults were used: XML's lambda is its default 1.0, multi-similarity's alpha PML's 2.0
+        xml = exp.method_config("xml")
+        assert xml["loss_wrapper"]["options"]["lam"] == 1.0
+        if name == "none":
+            assert xml["loss"]["options"]["alpha"] == 2.0
+        assert "Unequal budgets" not in md and "nothing searched" in md
+
+
+def test_unequal_budgets_are_reported_in_bold(tiny_cfg):
+    cfg = tiny_cfg(**{"general.reproductions": 1, "general.n_trials": 2, "search.mode": "all",
+                      "loss": {"name": "n_pairs"}})  # baseline has nothing to search, xml has lambda
+    exp = Experiment(cfg, "unequal", progress=False)
+    md = exp.run()
+    assert "**Unequal budgets" in md and "baseline: 1" in md and "xml: 2" in md
+    assert md.index("**Unequal budgets") < md.index("| Method |")

@@ -407,9 +407,15 @@ def check_keys(cfg: Dict[str, Any], known: Optional[Dict[str, Any]] = None, pref
                               f"(run.py --print_config shows the whole config)")
         spec = known[key]
         if _is_component(spec) and prefix.count(".") == (2 if prefix.startswith(METHOD_OVERRIDES) else 0):
-            if isinstance(value, dict) and not is_search_marker(value) and "name" not in value:
-                raise ConfigError(f"{path} has no 'name': give the component, e.g. --{path}.name NAME, "
-                                  f"or set it as '{{name: NAME, options: {{...}}}}'")
+            if isinstance(value, dict) and not is_search_marker(value):
+                if "name" not in value:
+                    raise ConfigError(f"{path} has no 'name': give the component, e.g. --{path}.name NAME, "
+                                      f"or set it as '{{name: NAME, options: {{...}}}}'")
+                if value.get("options") is not None and not isinstance(value["options"], dict):
+                    raise ConfigError(f"{path}.options must be a mapping such as '{{margin: 0.2}}', got "
+                                      f"{value['options']!r} (is the YAML value complete?)")
+            elif value is not None and not isinstance(value, str):
+                raise ConfigError(f"{path} must be a component name or '{{name: NAME, options: {{...}}}}', got {value!r}")
             continue
         if isinstance(spec, dict) and spec and isinstance(value, dict) and not is_search_marker(value):
             check_keys(value, spec, path + ".")

@@ -46,9 +46,9 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[Tuple[str, Any]]) -
     skipped = []
     for path, value in overrides:
         head = path.split("~")[0].split(".")
-        if (len(head) > 1 and head[0] in COMPONENT_SECTIONS and not cfg.get(head[0])) or (
-                len(head) == 1 and head[0] in COMPONENT_SECTIONS and not cfg.get(head[0])
-                and isinstance(value, dict) and "name" not in value):
+        if head[0] in COMPONENT_SECTIONS and not cfg.get(head[0]) and (
+                (len(head) > 1 and head[1] != "name") or (len(head) == 1 and isinstance(value, dict)
+                                                          and "name" not in value)):
             skipped.append(path)
             continue
         cfg = C.apply_override(cfg, path, value)
@@ -307,6 +307,8 @@ class Experiment:
         cache_cfg = cfg.get("cache", {})
         self.resolved = {"device_type": device.type, "frozen_blocks": k, "image_size": size,
                          "cache_views": int(cache_cfg.get("views", 5)) if k > 0 and cache_cfg.get("enabled", True) else 0}
+        if self.cfg["general"].get("storage"):
+            self.storage  # an unreachable server is reported before anything is written
         self._claim_folder(dataset, split)
         cache = None
         if k > 0 and cache_cfg.get("enabled", True):

@@ -1,0 +1,145 @@
+"""Bad input, as a new user types it: exit code 2, one message on stderr that names the problem, no traceback, and
+an existing experiment folder given the bad input is left byte-for-byte unchanged. A bug is not input: exit 1 with
+its traceback."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+import xml_plugin
+from xml_plugin.cli import main
+
+from conftest import as_cli_args, tiny_overrides
+
+NAME = "existing"
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory):
+    """A finished tiny experiment, and the command-line words that made it."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    args = as_cli_args(tiny_overrides(tmp, **{"general.n_trials": 1, "general.reproductions": 1,
+                                              "trainer.max_epochs": 1}))
+    assert main(["--experiment_name", NAME, "--no_progress", *args]) == 0
+    folder = tmp / "experiments" / NAME
+    return tmp, args, folder, _snapshot(folder)
+
+
+def _cub_missing_labels(tmp: Path) -> str:
+    root = tmp / "cub_missing"
+    (root / "CUB_200_2011" / "images").mkdir(parents=True, exist_ok=True)
+    (root / "CUB_200_2011" / "images.txt").write_text("1 001.A/a.jpg\n")
+    return str(root)
+
+
+def _broken_yaml_root(tmp: Path) -> str:
+    root = tmp / "configs"
+    if not root.exists():
+        shutil.copytree(xml_plugin.config.CONFIG_ROOT, root)
+        (root / "config_general" / "broken.yaml").write_text("general:\n  n_trials: [1, 2\n")
+    return str(root)
+
+
+# (id, extra words, a phrase the message must contain). The tiny experiment's words set general.*, dataset.* and
+# trunk.* with dotted keys, which win over the shorthands (--dataset ...): the cases use dotted keys too.
+CASES = [
+    ("typo in a key", ["--trainer.batchsize", "64"], "trainer.batch_size"),
+    ("typo in a section", ["--trainr.batch_size", "64"], "trainer"),
+    ("unknown top-level key", ["--foo.bar", "1"], "unknown config key 'foo'"),
+    ("zero trials", ["--general.n_trials", "0"], "general.n_trials must be"),
+    ("zero reproductions", ["--general.reproductions", "0"], "general.reproductions must be"),
+    ("one fold", ["--dataset.num_folds", "1"], "dataset.num_folds"),
+    ("zero epochs", ["--trainer.max_epochs", "0"], "trainer.max_epochs"),
+    ("zero cache views", ["--cache.views", "0"], "cache.views"),
+    ("batch size not a number", ["--trainer.batch_size", "abc"], "trainer.batch_size must be"),
+    ("batch size vs sampler", ["--trainer.batch_size", "30"], "multiple of the sampler"),
+    ("empty method list", ["--general.methods", "[]"], "general.methods"),
+    ("unknown option of the loss", ["--loss.options", "{alfa: 2}"], "alfa"),
+    ("options not a mapping", ["--loss.options", "{alpha: 2"], "loss.options must be a mapping"),
+    ("unknown loss", ["--loss", "multi_similarty"], "multi_similarity"),
+    ("unknown data set", ["--dataset.name", "cardz"], "unknown dataset"),
+    ("unknown trunk", ["--trunk.name", "resnet9000"], "unknown trunk"),
+    ("unknown pooling", ["--pooling", "gapp"], "unknown pooling"),
+    ("unknown embedder", ["--embedder.name", "conv2x2"], "unknown embedder"),
+    ("unknown method", ["--methods", "baseline", "xmll"], "unknown method"),
+    ("unknown miner", ["--miner", "{name: multi_similarty}"], "unknown miner"),
+    ("unknown loss wrapper", ["--loss_wrapper.name", "xbmm"], "unknown loss_wrapper"),
+    ("unknown optimizer", ["--optimizer.name", "Adamm"], "unknown optimizer"),
+    ("unknown sampler", ["--sampler.name", "m_per_klass"], "unknown sampler"),
+    ("unknown config file", ["--config_general", "smok"], "smoke"),
+    ("reference not compared", ["--reference", "gsp"], "general.reference"),
+    ("method option for no method", ["--methods", "baseline", "--loss_wrapper.options.lam", "0.3"], "applies to none"),
+    ("override for a method not compared", ["--method_overrides.gsp.trainer.batch_size", "8"], "not compared"),
+    ("search marker low >= high", ["--loss.options.alpha", "{search: float, low: 5, high: 1}"], "low must be < high"),
+    ("unknown search type", ["--loss.options.alpha", "{search: floaty, low: 1, high: 2}"], "unknown search type"),
+    ("CUDA asked for without CUDA", ["--general.device", "cuda"], "CUDA is not available"),
+    ("postgresql unreachable", ["--storage", "postgresql://user@127.0.0.1:9/db"], "127.0.0.1"),
+    ("sqlite in a missing folder", ["--storage", "sqlite:////nonexistent_dir_xml/optuna.db"], "cannot open the Optuna storage"),
+    ("mysql without a driver", ["--storage", "mysql://user@127.0.0.1:9/db"], "driver"),
+    ("storage not a URL", ["--storage", "not a url"], "not a database URL"),
+    ("real data set without root", ["--dataset.name", "cub200", "--dataset.root", "/nonexistent_xml"], "nonexistent_xml"),
+    ("real-format tree missing a file", ["--dataset.name", "cub200", "--dataset.root", _cub_missing_labels], "image_class_labels.txt"),
+    ("malformed YAML file", ["--config_general", "broken"], "not valid YAML"),
+    ("bad --search value", ["--search", "maybe"], "invalid choice"),
+    ("--n_trials not an integer", ["--n_trials", "many"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("words,phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exit_2_one_line_folder_unchanged(existing, words, phrase, capsys, monkeypatch):
+    tmp, args, folder, before = existing
+    words = [w(tmp) if callable(w) else w for w in words]
+    if "broken" in words:
+        monkeypatch.setenv("XML_PLUGIN_CONFIG_ROOT", _broken_yaml_root(tmp))
+    try:
+        code = main(["--experiment_name", NAME, "--no_progress", *args, *words])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert phrase in errors[0], errors[0]
+    assert _snapshot(folder) == before
+
+
+def test_a_changed_config_is_refused_and_restart_keeps_a_backup(existing, capsys):
+    tmp, args, folder, before = existing
+    code = main(["--experiment_name", NAME, "--no_progress", *args, "--loss", "contrastive"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another configuration" in err and "loss" in err and "--restart" in err
+    assert _snapshot(folder) == before
+    # a key that does not change results (threads) is not a different experiment
+    assert main(["--experiment_name", NAME, "--no_progress", *args, "--general.num_threads", "1"]) == 0
+    capsys.readouterr()
+
+
+def test_a_bug_in_a_users_component_is_exit_1_with_traceback(tmp_path):
+    """A TypeError inside a user's loss is a bug, not input: Python's traceback and exit code 1."""
+    import subprocess
+    import sys
+    module = tmp_path / "buggy_loss.py"
+    module.write_text(
+        "import torch, xml_plugin\n"
+        "class BuggyLoss(torch.nn.Module):\n"
+        "    def forward(self, embeddings, labels, indices_tuple=None):\n"
+        "        return embeddings.sum() + None\n"
+        "xml_plugin.register('loss', BuggyLoss, name='buggy')\n")
+    tiny = Path(__file__).resolve().parent / "tiny.py"
+    args = as_cli_args(tiny_overrides(tmp_path, **{"general.n_trials": 1, "general.reproductions": 1}))
+    code = ("import sys, runpy; sys.path[:0] = [%r, %r]; import buggy_loss; sys.argv = ['tiny.py'] + sys.argv[1:]; "
+            "runpy.run_path(%r, run_name='__main__')" % (str(tmp_path), str(tiny.parent), str(tiny)))
+    r = subprocess.run([sys.executable, "-c", code, "--experiment_name", "bug", "--no_progress", "--loss", "buggy",
+                        "--methods", "baseline", *args], capture_output=True, text=True, timeout=300,
+                       cwd=str(Path(__file__).resolve().parent.parent))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" in r.stderr and "TypeError" in r.stderr and "buggy_loss.py" in r.stderr
