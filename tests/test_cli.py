@@ -54,7 +54,8 @@ def test_print_config_merges_shorthands_and_overrides(capsys):
     assert code == 0, err
     cfg = yaml.safe_load(out)
     default = C.load()
-    assert cfg["loss"] == {"name": "contrastive", "options": default["loss"]["options"]}  # merged, not replaced
+    assert cfg["loss"]["name"] == "contrastive"  # and contrastive's search space, picked for it
+    assert set(C.search_space(cfg)) == {"loss.options.pos_margin", "loss.options.neg_margin"}
     assert cfg["trainer"]["batch_size"] == 64
     assert cfg["trainer"]["max_epochs"] == C.load({"config_general": ["smoke"]})["trainer"]["max_epochs"]
     assert "miner" in default and "miner" not in cfg
@@ -73,13 +74,17 @@ def test_override_beats_shorthand_and_flow_mappings(capsys):
     assert cfg["optimizer"]["options"]["lr"] == pytest.approx(0.01)
     assert cfg["optimizer"]["options"]["weight_decay"] == C.load()["optimizer"]["options"]["weight_decay"]
     assert cfg["miner"] == {"name": "multi_similarity"}
-    assert C.search_space(cfg) == {"loss_wrapper.options.lam": {"search": "float", "low": 0.1, "high": 1, "log": True}}
+    space = C.search_space(cfg)
+    assert space["loss_wrapper.options.lam"] == {"search": "float", "low": 0.1, "high": 1, "log": True}
+    assert set(space) == {"loss_wrapper.options.lam", "loss.options.margin"}  # triplet margin's own space
 
 
 def test_shorthand_accepts_a_whole_spec(capsys):
     code, out, err = run_main(capsys, ["--print_config", "--loss", "{name: contrastive, options: {pos_margin: 0.1}}"])
     assert code == 0, err
-    assert yaml.safe_load(out)["loss"] == {"name": "contrastive", "options": {"pos_margin": 0.1}}
+    loss = yaml.safe_load(out)["loss"]
+    assert loss["name"] == "contrastive" and loss["options"]["pos_margin"] == 0.1  # fixed, so not searched
+    assert set(C.search_space(loss)) == {"options.neg_margin"}
 
 
 def test_list_prints_every_kind(capsys):
@@ -92,7 +97,7 @@ def test_list_prints_every_kind(capsys):
     assert f"({len(R.names('pooling'))})" in lines["pooling"]
 
 
-def test_unknown_loss_exits_2_on_stderr_without_making_the_folder(capsys, tmp_path, no_experiment):
+def test_unknown_loss_exits_2_on_stderr_without_making_the_folder(capsys, tmp_path):
     folder = tmp_path / "experiments"
     code, out, err = run_main(capsys, ["--experiment_name", "typo", "--loss", "multi_similarty",
                                        "--experiment_folder", str(folder)])
@@ -109,7 +114,7 @@ def test_unknown_loss_exits_2_on_stderr_without_making_the_folder(capsys, tmp_pa
     (["--dataset", "kanjii"], "kanji"),
     (["--optimizer.name", "adamm"], "Adam"),
 ])
-def test_unknown_names_fail_early(capsys, tmp_path, argv, word, no_experiment):
+def test_unknown_names_fail_early(capsys, tmp_path, argv, word):
     code, out, err = run_main(capsys, ["--experiment_name", "e", "--experiment_folder", str(tmp_path)] + argv)
     assert code == 2 and out == ""
     assert word in err

@@ -197,9 +197,44 @@ def test_search_space_inside_method_overlays():
     assert list(xml) == ["loss_wrapper.options.lam"] and xml["loss_wrapper.options.lam"]["log"] is True
     assert list(C.search_space(method_config(cfg, "gsp"))) == ["loss_wrapper.options.weight"]
     assert C.search_space(method_config(cfg, "baseline")) == {}
-    ms = C.load({"config_loss_and_miners": ["ms_searched"]})
+    ms = C.load({"config_loss_and_miners": ["multi_similarity"]})
     both = C.search_space(method_config(ms, "xml"))
     assert set(both) == {"loss.options.alpha", "loss.options.beta", "loss.options.base", "loss_wrapper.options.lam"}
+
+
+@pytest.mark.parametrize("loss, keys", [
+    ("multi_similarity", {"alpha", "beta", "base"}), ("contrastive", {"pos_margin", "neg_margin"}),
+    ("TripletMarginLoss", {"margin"}), ("nt_xent", {"temperature"}), ("proxy_anchor", {"margin", "alpha"}),
+    ("arc_face", {"margin", "scale"}), ("lifted_structure", {"pos_margin", "neg_margin"}), ("sup_con", {"temperature"}),
+    ("n_pairs", set()),  # nothing to search: every method then runs once
+])
+def test_the_loss_search_space_is_picked_for_the_loss(loss, keys):
+    overrides = [("loss.name", loss)]
+    cfg = C.load(C.with_loss_space({}, overrides), overrides)
+    space = C.search_space(cfg)
+    assert {k.removeprefix("loss.options.") for k in space} == keys
+    defaults = C.resolve(cfg)["loss"]["options"]
+    cls = R.get("loss", loss)
+    import inspect
+    params = inspect.signature(cls).parameters
+    for key, marker in space.items():  # every range holds the loss's own default, which --search none uses
+        name = key.removeprefix("loss.options.")
+        assert params[name].default == pytest.approx(defaults[name])
+        assert marker["low"] <= defaults[name] <= marker["high"]
+    # a value the user fixes is not searched; the others still are
+    if keys:
+        first = sorted(keys)[0]
+        fixed = overrides + [(f"loss.options.{first}", 0.25)]
+        cfg = C.load(C.with_loss_space({}, fixed), fixed)
+        assert {k.removeprefix("loss.options.") for k in C.search_space(cfg)} == keys - {first}
+
+
+def test_multi_similarity_space_holds_the_reality_checks_best_values():
+    space = C.search_space(C.load({"config_loss_and_miners": ["multi_similarity"]}))
+    for alpha, beta, base in ((0.01, 50.60, 0.56), (14.35, 75.83, 0.66), (8.49, 57.38, 0.41)):  # CUB, Cars, SOP
+        for key, value in (("alpha", alpha), ("beta", beta), ("base", base)):
+            m = space[f"loss.options.{key}"]
+            assert m["low"] <= value <= m["high"], (key, value)
 
 
 @pytest.mark.parametrize("marker, match", [
@@ -338,19 +373,25 @@ def test_smoke_preset_fits_every_dataset(dataset):
         assert len(effective["decks"]) < 13  # smoke shrinks the cards build
 
 
-def test_method_overrides_win_over_the_overlay_and_plain_conflicts_are_errors():
+def test_command_line_overrides_apply_after_the_overlays():
     cfg = C.load(overrides=[("method_overrides.xml.pooling.options.num_prototypes", 32)], root=SHIPPED)
     assert method_config(cfg, "xml")["pooling"]["options"]["num_prototypes"] == 32
     assert "method_overrides" not in method_config(cfg, "xml")
     assert method_config(cfg, "baseline")["pooling"] == {"name": "gap"}  # other methods untouched
-    # a plain override of a key the xml overlay sets would be ignored silently: it is an error naming the fix
-    cfg = C.load(overrides=[("loss_wrapper.options.lam", 0.5)], root=SHIPPED)
-    with pytest.raises(C.ConfigError, match=r"method_overrides\.xml\.loss_wrapper\.options\.lam"):
-        method_config(cfg, "xml", protected=["loss_wrapper.options.lam"])
-    with pytest.raises(C.ConfigError, match="sets pooling"):
-        method_config(cfg, "xml", protected=["pooling.name"])
-    # keys no overlay touches apply to every method
-    assert method_config(cfg, "baseline", protected=["trainer.batch_size", "pooling.name"])["pooling"]["name"] == "gap"
+    # the command line wins over the overlay: --loss_wrapper.options.lam 0.3 sets XML's lambda
+    base = C.load(root=SHIPPED)
+    overrides = [("loss_wrapper.options.lam", 0.3), ("trainer.batch_size", 64)]
+    xml = method_config(base, "xml", overrides)
+    assert xml["loss_wrapper"] == {"name": "xml", "options": {"lam": 0.3, "ridge": 1.0e-3}}
+    assert xml["trainer"]["batch_size"] == 64
+    # baseline has no loss wrapper: the lambda is not for it (no nameless section appears), the batch size is
+    plain = method_config(base, "baseline", overrides)
+    assert plain["loss_wrapper"] is None and plain["trainer"]["batch_size"] == 64
+    # a whole new section with a name applies to every method, e.g. a miner
+    mined = method_config(base, "baseline", [("miner.name", "multi_similarity")])
+    assert mined["miner"] == {"name": "multi_similarity"}
+    # --pooling gmp replaces the baseline's pooling, and XML's too (the command line comes last)
+    assert method_config(base, "xml", [("pooling.name", "gmp")])["pooling"]["name"] == "gmp"
 
 
 def test_xml_full_searches_only_xml_pooling():

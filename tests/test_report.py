@@ -10,8 +10,8 @@ from PIL import Image, ImageDraw
 from scipy import stats
 
 from xml_plugin.protocol import plots
-from xml_plugin.protocol.report import (CSV_COLUMNS, EMBEDDINGS, METRICS, compare, read_report_csv, summarize,
-                                        write_report)
+from xml_plugin.protocol.report import (CSV_COLUMNS, EMBEDDINGS, METRICS, compare, paired_differences,
+                                        read_report_csv, summarize, write_report)
 
 
 def _records(dataset, method, values_by_metric, embeddings=EMBEDDINGS):
@@ -19,8 +19,8 @@ def _records(dataset, method, values_by_metric, embeddings=EMBEDDINGS):
     out = []
     for metric, values in values_by_metric.items():
         for e in embeddings:
-            for v in values:
-                out.append(dict(dataset=dataset, method=method, embedding=e, metric=metric,
+            for seed, v in enumerate(values):
+                out.append(dict(dataset=dataset, method=method, embedding=e, metric=metric, seed=seed,
                                 value=v + (0.02 if e == "concatenated" else 0.0)))
     return out
 
@@ -70,29 +70,44 @@ def test_summarize_single_value_has_nan_ci_and_order():
 def test_write_report_csv_md_tex(tmp_path):
     recs = _fake_records() + _records("cub", "gsp", {m: [0.9] for m in METRICS})  # gsp: n=1, best everywhere
     rows = summarize(recs)
-    md = write_report(tmp_path, rows, "CUB", notes="Budget: 50 trials.")
+    diffs = paired_differences(recs, "baseline")
+    md = write_report(tmp_path, rows, "CUB", notes="Budget: 50 trials.", diffs=diffs)
     # csv: exact columns, one line per row, NaN written as empty
     with open(tmp_path / "report.csv", newline="") as f:
         table = list(csv.reader(f))
     assert tuple(table[0]) == CSV_COLUMNS
-    assert len(table) - 1 == len(rows) == 3 * 2 * 3
+    assert len(table) - 1 == len(rows) + len(diffs) == 3 * 2 * 3 + 2 * 2 * 3
+    table = [line for line in table if not line[7]]  # the means (difference rows name their reference)
     gsp_lines = [line for line in table[1:] if line[1] == "gsp"]
     assert gsp_lines and all(line[5] == "" and line[6] == "1" for line in gsp_lines)
-    back = read_report_csv(tmp_path / "report.csv")
+    back = [r for r in read_report_csv(tmp_path / "report.csv") if not r["reference"]]
     assert [r["mean"] for r in back] == pytest.approx([r["mean"] for r in rows])
     # markdown: written file equals returned text; a row per method; best (gsp, 90.00/92.00) in bold without interval
     assert (tmp_path / "report.md").read_text() == md
     assert "Budget: 50 trials." in md
-    method_lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
+    main_table = md.split("Paired differences")[0]
+    method_lines = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
     assert [line.split("|")[1].strip() for line in method_lines] == ["baseline", "xml", "gsp"]
-    assert md.count("**90.00**") == 3 and md.count("**92.00**") == 3  # separate, concatenated (+0.02)
+    # bold exactly where the paired interval (recomputed here with scipy) lies above 0: xml everywhere (+3 points,
+    # noise 0.5), gsp nowhere (one reproduction: no interval), however high its mean
+    for metric in METRICS:
+        for emb in EMBEDDINGS:
+            pick = lambda m: [r["value"] for r in recs if (r["method"], r["metric"], r["embedding"]) == (m, metric, emb)]
+            d = np.array(pick("xml")) - np.array(pick("baseline"))
+            lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+            assert lo > 0
+    assert md.count("**") // 2 == 6 + 6  # the 6 xml cells of the main table, the 6 of the difference table
+    assert "**90.00" not in md and "**92.00" not in md
+    xml_main = [line for line in md.splitlines() if line.startswith("| xml |")][0]
+    assert xml_main.count("**") == 12
+    assert "| gsp | Sep. |" in md and "no difference detected" in md
     xml_row = rows[[r["method"] for r in rows].index("xml")]
     cell = f"{100 * xml_row['mean']:.2f} ± {100 * xml_row['ci95']:.2f}"
     assert cell in method_lines[1]
     # tex
     tex = (tmp_path / "report.tex").read_text()
     _check_latex(tex)
-    assert tex.count(r"\textbf{90.00}") == 3 and tex.count(r"\textbf{92.00}") == 3
+    assert r"\textbf{90.00}" not in tex and tex.count(r"\textbf{") == 12
 
 
 def _check_latex(tex):

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from ..config import ConfigError
 from ..engine.io import atomic_write_text, read_json
 
 METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
@@ -138,7 +139,8 @@ def read_report_csv(path) -> list[dict]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) not in (CSV_COLUMNS, MEAN_COLUMNS):
-            raise ValueError(f"{path}: columns {reader.fieldnames} are not {list(CSV_COLUMNS)}")
+            raise ConfigError(f"{path}: columns {reader.fieldnames} are not {list(CSV_COLUMNS)}: not a report.csv of "
+                              f"this benchmark")
         return [dict(dataset=r["dataset"], method=r["method"], embedding=r["embedding"], metric=r["metric"],
                      mean=float(r["mean"]) if r["mean"] else math.nan,
                      ci95=float(r["ci95"]) if r["ci95"] else math.nan, n=int(r["n"]),
@@ -359,7 +361,7 @@ def compare(folders: Sequence, names: Sequence[str] | None = None,
     folders = [Path(f) for f in folders]
     labels = dict(labels or {})
     if names is not None and len(names) != len(folders):
-        raise ValueError(f"names has {len(names)} entries for {len(folders)} folders")
+        raise ConfigError(f"--compare_names has {len(names)} names for {len(folders)} folders: give one per folder")
     table: dict[tuple, dict] = {}
     origin: dict[tuple, Path] = {}
     row_labels: list[str] = []
@@ -378,14 +380,14 @@ def compare(folders: Sequence, names: Sequence[str] | None = None,
             label = _row_label(r["method"], loss, labels)
             key = (label, (r["dataset"], r["metric"], r["embedding"]))
             if key in table:
-                raise ValueError(f"row {label!r} has {key[1]} in both {origin[key]} and {folder}: "
+                raise ConfigError(f"row {label!r} has {key[1]} in both {origin[key]} and {folder}: "
                                  f"give each experiment a row name (--compare_names, or names= in Python)")
             table[key], origin[key] = r, folder
             if label not in row_labels:
                 row_labels.append(label)
             all_rows.append(r)
     if not all_rows:
-        raise ValueError(f"the report.csv files of {[str(f) for f in folders]} hold no results")
+        raise ConfigError(f"the report.csv files of {[str(f) for f in folders]} hold no results")
     columns = _columns(all_rows, with_dataset=True)
     bold = frozenset(bold)
     markdown = _markdown_table(table, row_labels, columns,
