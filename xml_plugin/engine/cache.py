@@ -124,10 +124,11 @@ class FeatureCache:
         return self
 
     def eval_features(self, indices) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._eval[indices], dtype=np.float32))
+        # float16 -> float32 in torch (vectorised), not numpy (element by element: 6x slower)
+        return torch.from_numpy(np.ascontiguousarray(self._eval[indices])).float()
 
     def train_features(self, indices, views) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._train[indices, views], dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(self._train[indices, views])).float()
 
     @property
     def feature_shape(self):
