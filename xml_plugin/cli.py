@@ -15,9 +15,12 @@ config overrides (any key of the merged config, after the flags above):
                                a mapping VALUE is merged into the existing mapping
   --section.key~replace VALUE  replace the key's value instead of merging
   --section.key~delete         delete the key
+  overrides apply last, over every method's overlay (config_methods/METHOD.yaml): --loss_wrapper.options.lam 0.3
+                               sets XML's lambda; a key inside a section a method leaves empty applies to the
+                               methods that have it
   --method_overrides.METHOD.section.key VALUE
-                               set a key for one method only, over its overlay (config_methods/METHOD.yaml);
-                               overriding a key that a compared method's overlay sets is an error that says so
+                               set a key for one method only
+  unknown keys are errors (with close matches); a rerun with another configuration stops (use --restart)
   examples: --trainer.batch_size 64   --loss.options '{margin: 0.2}'   --miner '{name: multi_similarity}'
 search markers (in YAML or on the command line) make a key searched by Optuna:
   --loss_wrapper.options.lam '{search: float, low: 0.01, high: 10, log: true}'
@@ -26,6 +29,7 @@ examples:
   python run.py --experiment_name xml_ms --loss multi_similarity
   python run.py --experiment_name smoke --loss multi_similarity --config_general smoke
   python run.py --experiment_name xml_kanji --config_dataset kanji --methods baseline xml gsp
+  python run.py --experiment_name xml_once --loss multi_similarity --search none
   python run.py --compare experiments/xml_ms experiments/xml_contrastive
   python run.py --list
 """
