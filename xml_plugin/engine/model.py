@@ -34,7 +34,13 @@ class EmbeddingModel(nn.Module):
         if not from_cache:
             with torch.no_grad():
                 x = self.frozen(x)
-        return self.pooling(self.embedder(self.tail(x)))
+        x = self.tail(x)
+        linear = getattr(self.embedder, "linear", None)
+        if linear is not None:  # a linear embedder: the pooling may skip projecting every location (GAP, hard XML)
+            out = self.pooling.pool_linear(x, *linear())
+            if out is not None:
+                return out
+        return self.pooling(self.embedder(x))
 
     def trainable_state_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen.")}

@@ -37,6 +37,10 @@ class Conv1x1Embedder(nn.Module):
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         return self.proj(feature_map)  # [B, size, H, W]
 
+    def linear(self):
+        """``(weight [size, C], bias or None)`` of the per-location projection (poolings' ``pool_linear``)."""
+        return self.proj.weight.flatten(1), self.proj.bias
+
 
 class IdentityEmbedder(nn.Module):
     """No projection: the local features are the trunk's channels (``size = in_channels``)."""

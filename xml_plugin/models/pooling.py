@@ -33,6 +33,13 @@ class Pooling(nn.Module):
             raise ValueError(f"pooling dim must be >= 1, got {dim}")
         self.dim = int(dim)
 
+    def pool_linear(self, trunk_map: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None) -> Optional[PoolingOutput]:
+        """The pooling of the linear projection ``f_i = weight x_i + bias`` of ``trunk_map`` [B, C, H, W]
+        (``weight`` [d, C]), computed without projecting every location when that is cheaper; None: no shortcut
+        (the caller projects, then calls ``forward``). Equal to ``forward`` up to float rounding."""
+        return None
+
 
 @register("pooling", name="gap")
 class GlobalAveragePooling(Pooling):
@@ -40,6 +47,11 @@ class GlobalAveragePooling(Pooling):
 
     def forward(self, feature_map: torch.Tensor) -> PoolingOutput:
         return PoolingOutput(feature_map.mean(dim=(2, 3)))
+
+    def pool_linear(self, trunk_map, weight, bias=None):
+        """GAP commutes with a linear projection: project the mean, not the ``n`` locations (``n`` times fewer
+        multiply-adds, forward and backward)."""
+        return PoolingOutput(nn.functional.linear(trunk_map.mean(dim=(2, 3)), weight, bias))
 
 
 @register("pooling", name="gmp")

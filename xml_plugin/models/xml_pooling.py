@@ -200,6 +200,35 @@ class PrototypePooling(Pooling):
                 self.update(histogram, embedding.float())
         return PoolingOutput(embedding, histogram)
 
+    def pool_linear(self, trunk_map, weight, bias=None):
+        """Hard assignment only: ``z = weight mean(x) + bias`` (GAP commutes with the projection) and the nearest
+        prototype of each projected location ``f_i = weight x_i + bias`` found without projecting it:
+        ``argmin_j ||f_i - w_j||^2 = argmin_j ||w_j||^2 - 2 w_j.bias - 2 x_i.(weight^T w_j)`` (``||f_i||^2`` is the
+        same for every j), one [C, m] product instead of [C, d]; the hard histogram needs no gradient. The first
+        training call (seeding) projects every location once."""
+        if self.assignment != "hard" or (not bool(self.initialized) and not self.training):
+            return None
+        b, c, hgt, wid = trunk_map.shape
+        embedding = torch.nn.functional.linear(trunk_map.mean(dim=(2, 3)), weight, bias)  # [B, d]
+        with torch.no_grad(), torch.autocast(device_type=trunk_map.device.type, enabled=False):
+            x = trunk_map.detach().float().flatten(2)  # [B, C, n]
+            w32 = weight.detach().float()
+            b32 = None if bias is None else bias.detach().float()
+            if not bool(self.initialized):
+                self.initialize(torch.nn.functional.linear(x.transpose(1, 2).reshape(-1, c), w32, b32))
+            protos = self.prototypes.float()  # [m, d]
+            offset = (protos * protos).sum(1)  # [m]
+            if b32 is not None:
+                offset = offset - 2.0 * (protos @ b32)
+            scores = offset[None, :, None] - 2.0 * torch.matmul(protos @ w32, x)  # [B, m, n]
+            nearest = scores.argmin(dim=1)  # [B, n]
+            counts = torch.zeros(b, self.num_prototypes, device=x.device)
+            counts.scatter_add_(1, nearest, torch.ones_like(nearest, dtype=counts.dtype))
+            histogram = counts / (hgt * wid)  # [B, m]
+            if self.training:
+                self.update(histogram, embedding.float())
+        return PoolingOutput(embedding, histogram)
+
 
 __all__ = ["PrototypePooling", "prototype_histogram", "rls_update", "squared_distances", "kmeans_pp_seeds",
            "kcenter_seeds"]
