@@ -36,7 +36,7 @@ def tiny_cfg(tmp_path):
 
     def make(**extra):
         overrides = tiny_overrides(tmp_path, **extra)
-        return C.load(C.with_loss_space({}, overrides), overrides)  # the loss's search space, as the CLI does
+        return C.load({}, overrides, presets=C.presets_for({}, overrides))  # the data set's and the loss's presets, as the CLI
     return make
 
 

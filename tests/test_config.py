@@ -210,7 +210,7 @@ def test_search_space_inside_method_overlays():
 ])
 def test_the_loss_search_space_is_picked_for_the_loss(loss, keys):
     overrides = [("loss.name", loss)]
-    cfg = C.load(C.with_loss_space({}, overrides), overrides)
+    cfg = C.load({}, overrides, presets=C.presets_for({}, overrides))
     space = C.search_space(cfg)
     assert {k.removeprefix("loss.options.") for k in space} == keys
     defaults = C.resolve(cfg)["loss"]["options"]
@@ -225,7 +225,7 @@ def test_the_loss_search_space_is_picked_for_the_loss(loss, keys):
     if keys:
         first = sorted(keys)[0]
         fixed = overrides + [(f"loss.options.{first}", 0.25)]
-        cfg = C.load(C.with_loss_space({}, fixed), fixed)
+        cfg = C.load({}, fixed, presets=C.presets_for({}, fixed))
         assert {k.removeprefix("loss.options.") for k in C.search_space(cfg)} == keys - {first}
 
 

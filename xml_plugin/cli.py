@@ -139,15 +139,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.latex:
                 print(tex)
             return 0
-        selection = C.with_loss_space(selection, overrides)
+        presets = C.presets_for(selection, overrides)
         if args.print_config:
             import yaml
-            print(yaml.safe_dump(C.load(selection, overrides), sort_keys=False))
+            print(yaml.safe_dump(C.load(selection, overrides, presets=presets), sort_keys=False))
             return 0
         if not args.experiment_name:
             parser.error("--experiment_name is required (or --compare / --list / --print_config)")
         from .protocol.experiment import Experiment
-        exp = Experiment(C.load(selection), args.experiment_name, progress=not args.no_progress, overrides=overrides)
+        exp = Experiment(C.load(selection, presets=presets), args.experiment_name, progress=not args.no_progress,
+                         overrides=overrides)
         if args.restart:
             backup = exp.restart()
             if backup:

@@ -116,8 +116,9 @@ def load_category(category: str, names: Sequence[str], root: Optional[Path] = No
 
 
 def load(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterable[Tuple[str, Any]] = (),
-         root: Optional[Path] = None) -> Dict[str, Any]:
-    """Merge every category's ``default``, then the selected names (category by category, in order), then the
+         root: Optional[Path] = None, presets: Sequence[Tuple[str, str]] = ()) -> Dict[str, Any]:
+    """Merge every category's ``default``, then the ``presets`` (``(category, name)`` files picked for the data set
+    and the loss, see :func:`presets_for`), then the selected names (category by category, in order), then the
     overrides."""
     root = root or config_root()
     selection = dict(selection or {})
@@ -127,6 +128,8 @@ def load(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterab
     for category in CATEGORIES:
         if (root / category / "default.yaml").is_file():
             cfg = merge(cfg, load_category(category, ["default"], root))
+    for category, name in presets:
+        cfg = merge(cfg, load_category(category, [name], root))
     for category in CATEGORIES:
         names = [n for n in (selection.pop(category, None) or []) if n != "default"]
         cfg = merge(cfg, load_category(category, names, root))
@@ -137,37 +140,39 @@ def load(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterab
     return cfg
 
 
-LOSS_SPACES = "config_loss_and_miners"
+PRESETS = (("config_dataset", "dataset", "dataset"), ("config_loss_and_miners", "loss", "loss"))  # category, section, kind
 
 
-def loss_space_file(cfg: Dict[str, Any], root: Optional[Path] = None) -> Optional[str]:
-    """The shipped search space of the config's loss: ``config_loss_and_miners/<canonical loss name>.yaml``, if any."""
+def preset_name(cfg: Dict[str, Any], section: str, kind: str, category: str, root: Optional[Path] = None) -> Optional[str]:
+    """The canonical name of the component in ``cfg[section]`` if ``<category>/<name>.yaml`` ships, else None."""
     from . import registry
-    spec = cfg.get("loss")
-    if not spec or is_search_marker(spec):
-        return None
+    spec = cfg.get(section)
     name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
     if not isinstance(name, str):
         return None
     try:
-        name = registry.canonical_name("loss", name)
+        name = registry.canonical_name(kind, name)
     except registry.UnknownComponentError:
-        return None  # reported with close matches by the caller's name check
-    return name if (Path(root or config_root()) / LOSS_SPACES / f"{name}.yaml").is_file() else None
+        return None  # reported with close matches when the experiment checks its names
+    return name if (Path(root or config_root()) / category / f"{name}.yaml").is_file() else None
 
 
-def with_loss_space(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterable[Tuple[str, Any]] = (),
-                    root: Optional[Path] = None) -> Dict[str, List[str]]:
-    """``selection`` with the loss's own search space (``config_loss_and_miners/<loss>.yaml``, the loss named after
-    the overrides) put first in its category, right after the default and before the user's files, so that every
-    method searches the loss's hyperparameters unless the user fixes them. ``search.loss_space: false`` turns it off."""
-    chosen = {k: list(v) for k, v in (selection or {}).items() if v}
-    cfg = load(chosen, overrides, root)
-    space = loss_space_file(cfg, root)
-    if space is None or not (cfg.get("search") or {}).get("loss_space", True):
-        return chosen
-    chosen[LOSS_SPACES] = [space] + [n for n in chosen.get(LOSS_SPACES, []) if n != space]
-    return chosen
+def presets_for(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterable[Tuple[str, Any]] = (),
+                root: Optional[Path] = None) -> List[Tuple[str, str]]:
+    """The files merged automatically after the defaults and before the user's own files and overrides, for the data
+    set and loss the config ends up with: ``config_dataset/<dataset>.yaml`` (an embedded data set's transforms) and
+    ``config_loss_and_miners/<loss>.yaml`` (the loss's search space, so that every method searches it unless the user
+    fixes a value). ``search.loss_space: false`` leaves the loss's space out."""
+    overrides = list(overrides)
+    cfg = load(selection, overrides, root)
+    out = []
+    for category, section, kind in PRESETS:
+        if section == "loss" and not (cfg.get("search") or {}).get("loss_space", True):
+            continue
+        name = preset_name(cfg, section, kind, category, root)
+        if name is not None:
+            out.append((category, name))
+    return out
 
 
 def apply_override(cfg: Dict[str, Any], dotted: str, value: Any = None) -> Dict[str, Any]:

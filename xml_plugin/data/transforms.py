@@ -1,9 +1,11 @@
-"""Image transforms of the protocol (METHODS.md section 4): random resized crop + flip for training,
-resize + center crop for evaluation, both ending in ToTensor and Normalize."""
+"""Image transforms: random resized crop (+ flip) for training; for evaluation the protocol's resize + center crop, or
+the whole image (resized, or padded to a square); all end in ToTensor and Normalize (docs/data.md says which data set
+uses which, and why)."""
 from __future__ import annotations
 
 from typing import Sequence, Tuple
 
+from PIL import Image
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,17 +42,48 @@ def train_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN
     return T.Compose(steps)
 
 
+EVAL_MODES = ("center_crop", "resize", "pad")
+
+
+class PadToSquare:
+    """Pad a PIL image to a square with ``fill`` (RGB), the image centred: the aspect ratio is kept."""
+
+    def __init__(self, fill=(255, 255, 255)):
+        self.fill = tuple(int(v) for v in fill)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        side = max(w, h)
+        if w == h:
+            return img
+        out = Image.new(img.mode, (side, side), self.fill if img.mode == "RGB" else self.fill[0])
+        out.paste(img, ((side - w) // 2, (side - h) // 2))
+        return out
+
+    def __repr__(self) -> str:
+        return f"PadToSquare(fill={self.fill})"
+
+
 def eval_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> T.Compose:
-    """Evaluation views: resize the shorter side to round(image_size * 256 / 224), center crop
-    image_size (224 -> 256/224, 227 -> 259/227), ToTensor, Normalize(mean, std)."""
+                   std: Sequence[float] = IMAGENET_STD, mode: str = "center_crop",
+                   fill: Sequence[int] = (255, 255, 255)) -> T.Compose:
+    """Evaluation views, then ToTensor and Normalize(mean, std). ``mode``:
+
+    * ``center_crop`` (the protocol's): resize the shorter side to round(image_size * 256 / 224), center crop
+      image_size (224 -> 256/224, 227 -> 259/227): the borders of the longer side are cut;
+    * ``resize``: the whole image resized to image_size x image_size (nothing cut; the aspect ratio changes);
+    * ``pad``: padded to a square with ``fill`` (the aspect ratio kept), then resized: nothing cut.
+    """
     _check_size(image_size)
-    return T.Compose([
-        T.Resize(round(image_size * 256 / 224)),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        _normalize(mean, std),
-    ])
+    if mode == "center_crop":
+        steps = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+    elif mode == "resize":
+        steps = [T.Resize((image_size, image_size))]
+    elif mode == "pad":
+        steps = [PadToSquare(fill), T.Resize((image_size, image_size))]
+    else:
+        raise ValueError(f"transforms.eval.mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
+    return T.Compose(steps + [T.ToTensor(), _normalize(mean, std)])
 
 
-__all__ = ["train_transform", "eval_transform", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["train_transform", "eval_transform", "PadToSquare", "EVAL_MODES", "IMAGENET_MEAN", "IMAGENET_STD"]

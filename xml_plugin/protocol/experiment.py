@@ -303,7 +303,8 @@ class Experiment:
         size = int(tf_cfg.get("image_size", 224))
         train_opts = dict(tf_cfg.get("train") or {})
         train_tf = train_transform(size, trunk.mean, trunk.std, **train_opts)
-        eval_tf = eval_transform(size, trunk.mean, trunk.std)
+        eval_opts = dict(tf_cfg.get("eval") or {})
+        eval_tf = eval_transform(size, trunk.mean, trunk.std, **eval_opts)
         cache_cfg = cfg.get("cache", {})
         self.resolved = {"device_type": device.type, "frozen_blocks": k, "image_size": size,
                          "cache_views": int(cache_cfg.get("views", 5)) if k > 0 and cache_cfg.get("enabled", True) else 0}
@@ -316,7 +317,7 @@ class Experiment:
             folder = Path(cache_cfg.get("folder") or cache_root())
             views = int(cache_cfg.get("views", 5))
             info = {"dataset": dataset.fingerprint(), "trunk": trunk.name, "weights": trunk.weights_id, "frozen_blocks": k,
-                    "image_size": size, "train_transform": train_opts, "views": views, "seed": int(cache_cfg.get("seed", 0))}
+                    "image_size": size, "train_transform": train_opts, "eval_transform": eval_opts, "views": views, "seed": int(cache_cfg.get("seed", 0))}
             cache = FeatureCache(folder, info).build(dataset, torch.nn.Sequential(*list(trunk.blocks)[:k]), train_tf, eval_tf,
                                                      views, device, batch_size=int(cache_cfg.get("batch_size", 32)),
                                                      seed=int(cache_cfg.get("seed", 0)), progress=self.progress)
