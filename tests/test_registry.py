@@ -70,7 +70,9 @@ def test_pml_wrappers_are_not_plain_losses():
     for cls_name in PML_WRAPPERS:
         with pytest.raises(UnknownComponentError):
             R.get("loss", cls_name)
-    assert R.get("loss_wrapper", "xbm") is losses.CrossBatchMemory
+    assert R.get("loss_wrapper", "pml_xbm") is losses.CrossBatchMemory  # PML's own, under its own name
+    from xml_plugin.losses.xbn import CrossBatchMemoryXBM
+    assert R.get("loss_wrapper", "xbm") is CrossBatchMemoryXBM  # the xbm method: checkpointable, PML-equal
 
 
 def test_miners_samplers_distances_reducers():

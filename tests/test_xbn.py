@@ -149,26 +149,60 @@ def test_axbn_default_differs_from_xbn_when_r_large():
     assert not torch.allclose(xbn.embedding_memory, axbn.embedding_memory, atol=1e-3)
 
 
-def test_gain_interval_keeps_the_last_gain():
+def _kalman_reference(n_steps, q, r, b, p0, interval):
+    """The AXBN recursion as docs/methods.md states it, written out here: predict every `interval` steps,
+    measure every step. Returns the gains and error variances."""
+    p, gains, ps = p0, [], []
+    for t in range(n_steps):
+        if t % interval == 0:
+            p = p + q
+        k = p / (p + r / b)
+        p = (1 - k) * p
+        gains.append(k)
+        ps.append(p)
+    return gains, ps
+
+
+@pytest.mark.parametrize("interval", [1, 3, 100])
+def test_gain_follows_the_predict_measure_recursion(interval):
     b, q, r, p0 = 12, 1.0, 30.0, 1.0
     w = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=200, adaptation="axbn", q=q, r=r, p0=p0,
-                             gain_interval=3)
+                             gain_interval=interval)
     gains, ps = [], []
     for e, y in make_batches(7, batch=b):
         w(e, y)
         gains.append(w.last_gain)
         ps.append(float(w.p))
-    # expected: refresh at steps 0, 3, 6 only
-    p, expected_k, expected_p = p0, [], []
-    for t in range(7):
-        if t % 3 == 0:
-            k = (p + q) / (p + q + r / b)
-            p = (1 - k) * (p + q)
-        expected_k.append(k)
-        expected_p.append(p)
+    expected_k, expected_p = _kalman_reference(7, q, r, b, p0, interval)
     assert gains == pytest.approx(expected_k, rel=1e-5)
     assert ps == pytest.approx(expected_p, rel=1e-5)
-    assert gains[0] == gains[1] == gains[2] != gains[3]
+    if interval > 1:  # between predictions the gain falls: a running mean of the batch moments
+        assert gains[1] < gains[0] and gains[2] < gains[1]
+
+
+def test_paper_constants_gain_decays_like_one_over_k_between_predictions():
+    """q = 1, r = 0.01, p0 = 1, batch 32: K ~ 1 right after a prediction, then K ~ 1/k (the old reading kept K ~ 1)."""
+    gains, _ = _kalman_reference(250, 1.0, 0.01, 32, 1.0, 100)
+    assert gains[0] > 0.999 and gains[100] > 0.999 and gains[200] > 0.999
+    for k in (2, 5, 10, 50):
+        assert gains[k - 1] == pytest.approx(1.0 / k, rel=0.02)
+    w = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=400, adaptation="axbn", gain_interval=100)
+    for t, (e, y) in enumerate(make_batches(12, batch=32)):
+        w(e, y)
+        assert w.last_gain == pytest.approx(gains[t], rel=1e-3)  # p is float32 in the module
+
+
+def test_axbn_with_interval_100_differs_from_xbn_and_with_interval_1_equals_it():
+    """Paper constants: N = 1 is (numerically) XBN; N = 100 filters, so the memory is moved elsewhere."""
+    def memory_after(**kw):
+        w = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=200, **kw)
+        values = [float(w(e, y)) for e, y in make_batches(8, batch=16)]
+        return w.embedding_memory.clone(), values
+    xbn, l_xbn = memory_after(adaptation="xbn")
+    one, l_one = memory_after(adaptation="axbn", gain_interval=1)
+    hundred, l_hundred = memory_after(adaptation="axbn", gain_interval=100)
+    assert torch.allclose(xbn, one, atol=1e-3) and l_one == pytest.approx(l_xbn, abs=1e-3)
+    assert not torch.allclose(xbn, hundred, atol=1e-2)
 
 
 def test_axbn_filter_tracks_kalman_estimates():
@@ -324,6 +358,23 @@ def test_invalid_options_raise(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
         CrossBatchNormMemory(losses.ContrastiveLoss(), D, **bad)
+
+
+def test_xbm_is_pml_cross_batch_memory_with_a_checkpointable_state():
+    from xml_plugin import registry
+    batches = make_batches(7)
+    ref = losses.CrossBatchMemory(losses.ContrastiveLoss(), D, memory_size=40)
+    ours = registry.build("loss_wrapper", {"name": "xbm", "memory_size": 40}, loss=losses.ContrastiveLoss(),
+                          embedding_size=D)
+    assert ours.adaptation == "none"
+    for i, (e, y) in enumerate(batches):
+        assert torch.allclose(ref(e, y), ours(e, y), atol=1e-6)
+        if i == 3:  # a resumed copy continues with the memory
+            state = ours.state_dict()
+            ours = registry.build("loss_wrapper", {"name": "xbm", "memory_size": 40}, loss=losses.ContrastiveLoss(),
+                                  embedding_size=D)
+            ours.load_state_dict(state)
+    assert torch.equal(ours.embedding_memory, ref.embedding_memory)
 
 
 def test_registered_names():

@@ -263,7 +263,7 @@ def _populate_pml() -> None:
         if (inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and not attr.startswith("Base")
                 and attr not in wrappers and (issubclass(obj, BaseMetricLossFunction) or attr.endswith("Loss"))):
             register("loss", obj)
-    register("loss_wrapper", losses.CrossBatchMemory, name="xbm")
+    register("loss_wrapper", losses.CrossBatchMemory, name="pml_xbm")  # not checkpointable: the xbm method uses ours
     from pytorch_metric_learning.miners.base_miner import BaseMiner
     _register_module_classes("miner", miners, BaseMiner)
     from pytorch_metric_learning.distances.base_distance import BaseDistance

@@ -1,4 +1,4 @@
-"""Pure math of cross-batch normalization (METHODS.md section 3): moments, moment matching, Kalman/EMA filter.
+"""Pure math of cross-batch normalization (docs/methods.md, XBN): moments, moment matching, Kalman/EMA filter.
 
 No state and no modules here: :mod:`xml_plugin.losses.xbn` keeps the state and calls these.
 """
@@ -35,17 +35,30 @@ def match_moments(x: torch.Tensor, mean_src: torch.Tensor, std_src: torch.Tensor
     return (x - mean_src) / std_src * std_tgt + mean_tgt  # [N, d]
 
 
-def kalman_gain(p: torch.Tensor, q: float, r: float, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """AXBN's scalar Kalman gain step: ``p_pred = p + q; K = p_pred / (p_pred + r / batch_size);
-    p_new = (1 - K) p_pred``. Returns ``(K, p_new)``.
+def kalman_predict(p: torch.Tensor, q: float) -> torch.Tensor:
+    """AXBN's prediction step: the process noise ``q`` is added to the error variance, ``p <- p + q``."""
+    return p + q
 
-    ``r = 0`` gives ``K = 1`` exactly (then AXBN equals XBN).
+
+def kalman_measure(p: torch.Tensor, r: float, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """AXBN's measurement step with a batch of ``batch_size`` rows (measurement noise ``r / batch_size``):
+    ``K = p / (p + r / batch_size)``, ``p <- (1 - K) p``. Returns ``(K, p_new)``.
+
+    Without a prediction in between, repeated measurements give ``K ~ 1/k``: the estimate becomes the running mean
+    of the measurements. ``r = 0`` gives ``K = 1`` exactly (then AXBN equals XBN).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    p_pred = p + q
-    gain = p_pred / (p_pred + r / batch_size)
-    return gain, (1 - gain) * p_pred
+    if r == 0:  # an exact measurement: K = 1 (also when p has reached 0, where p / p is undefined)
+        return torch.ones_like(p), torch.zeros_like(p)
+    gain = p / (p + r / batch_size)
+    return gain, (1 - gain) * p
+
+
+def kalman_gain(p: torch.Tensor, q: float, r: float, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A prediction then a measurement (:func:`kalman_predict`, :func:`kalman_measure`): ``p_pred = p + q;
+    K = p_pred / (p_pred + r / batch_size); p_new = (1 - K) p_pred``. Returns ``(K, p_new)``."""
+    return kalman_measure(kalman_predict(p, q), r, batch_size)
 
 
 def filter_moments(mean_hat: torch.Tensor, std_hat: torch.Tensor, mean_batch: torch.Tensor,
@@ -61,4 +74,4 @@ def filter_moments(mean_hat: torch.Tensor, std_hat: torch.Tensor, mean_batch: to
     return new_mean, new_std
 
 
-__all__ = ["batch_moments", "match_moments", "kalman_gain", "filter_moments"]
+__all__ = ["batch_moments", "match_moments", "kalman_predict", "kalman_measure", "kalman_gain", "filter_moments"]

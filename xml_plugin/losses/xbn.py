@@ -1,4 +1,4 @@
-"""Cross-batch memory with (adaptive) cross-batch normalization: XBM, XBN, AXBN (METHODS.md section 3).
+"""Cross-batch memory with (adaptive) cross-batch normalization: XBM, XBN, AXBN (docs/methods.md, XBN).
 
 A drop-in for pytorch-metric-learning's ``CrossBatchMemory`` (same call, same ``embedding_memory``,
 ``label_memory``, ``queue_idx``, ``has_been_filled``) whose whole state lives in buffers, so that
@@ -18,7 +18,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..registry import register
-from .moments import batch_moments, filter_moments, kalman_gain, match_moments
+from .moments import batch_moments, filter_moments, kalman_measure, kalman_predict, match_moments
 
 ADAPTATIONS = ("none", "xbn", "axbn", "ema")
 _STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -148,10 +148,12 @@ class CrossBatchNormMemory(CrossBatchMemory):
             self.mean_hat.copy_(mean_b)
             self.std_hat.copy_(std_b)
         if self.adaptation == "axbn":
-            if int(self.filter_steps) % self.gain_interval == 0:  # gain refreshed every gain_interval steps
-                k, p_new = kalman_gain(self.p, self.q, self.r, batch_size)
-                self.gain.copy_(k)
-                self.p.copy_(p_new)
+            # prediction (p <- p + q) every gain_interval steps; measurement (gain, p <- (1 - K) p) every step, so
+            # that between two predictions the gain decays like 1/k
+            p = kalman_predict(self.p, self.q) if int(self.filter_steps) % self.gain_interval == 0 else self.p
+            k, p_new = kalman_measure(p, self.r, batch_size)
+            self.gain.copy_(k)
+            self.p.copy_(p_new)
         else:
             self.gain.fill_(self.ema_gain)
         mean_hat, std_hat = filter_moments(self.mean_hat, self.std_hat, mean_b, std_b, self.gain)
@@ -278,7 +280,19 @@ AdaptiveCrossBatchNormMemory.__init__.__signature__ = _parent_sig.replace(parame
     p.replace(default="axbn") if p.name == "adaptation" else p for p in _parent_sig.parameters.values()
 ])
 
+class CrossBatchMemoryXBM(CrossBatchNormMemory):
+    """XBM (the ``xbm`` method): :class:`CrossBatchNormMemory` without adaptation, numerically PML's
+    ``CrossBatchMemory`` but with its memory in ``state_dict()`` (a resumed fold continues with its memory), and the
+    same options as XBN (``warmup_iterations`` ...) so that the two are compared on equal terms."""
+
+    def __init__(self, loss, embedding_size, memory_size=1024, miner=None, normalize=None, in_batch_loss=False,
+                 warmup_iterations=0):
+        super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, adaptation="none",
+                         normalize=normalize, in_batch_loss=in_batch_loss, warmup_iterations=warmup_iterations)
+
+
 register("loss_wrapper", CrossBatchNormMemory, name="xbn")
 register("loss_wrapper", AdaptiveCrossBatchNormMemory, name="axbn")
+register("loss_wrapper", CrossBatchMemoryXBM, name="xbm")
 
-__all__ = ["CrossBatchNormMemory", "AdaptiveCrossBatchNormMemory", "ADAPTATIONS"]
+__all__ = ["CrossBatchNormMemory", "AdaptiveCrossBatchNormMemory", "CrossBatchMemoryXBM", "ADAPTATIONS"]
