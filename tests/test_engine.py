@@ -208,3 +208,34 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(C.ConfigError, match="CUDA is not available"):
             T.select_device("cuda")
+
+
+@pytest.mark.parametrize("query_vs_gallery", [False, True])
+def test_recall_at_k_against_brute_force(query_vs_gallery):
+    """Recall@K = share of queries with a same-label item among their K nearest (cosine), the query itself excluded;
+    checked against a full sort written here, with the MAP@R etc. unchanged by the extra neighbours."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(12).repeat_interleave(5)[torch.randperm(60, generator=g)]
+    emb = torch.randn(60, 6, generator=g) + 0.8 * torch.nn.functional.one_hot(labels % 6, 6).float()
+    ks = (1, 2, 4, 8, 16, 500)  # 500 > the gallery: dropped
+    if query_vs_gallery:
+        q, ql, r, rl = emb[:20], labels[:20], emb[20:], labels[20:]
+        m = retrieval_metrics(q, ql, r, rl, recall_ks=ks)
+        plain = retrieval_metrics(q, ql, r, rl)
+    else:
+        q, ql, r, rl = emb, labels, emb, labels
+        m = retrieval_metrics(emb, labels, recall_ks=ks)
+        plain = retrieval_metrics(emb, labels)
+    qn, rn = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(r, dim=1)
+    sims = qn @ rn.T
+    if not query_vs_gallery:
+        sims.fill_diagonal_(-float("inf"))
+    order = sims.argsort(dim=1, descending=True)
+    has_positive = (rl[None, :] == ql[:, None]).sum(1) > (0 if query_vs_gallery else 1)
+    for k in ks[:-1]:
+        hit = (rl[order[:, :k]] == ql[:, None]).any(dim=1)[has_positive]
+        assert m[f"recall_at_{k}"] == pytest.approx(hit.float().mean().item(), abs=1e-9), k
+    assert "recall_at_500" not in m
+    assert m["recall_at_1"] == pytest.approx(m["precision_at_1"])
+    for key, value in plain.items():  # searching more neighbours leaves the other metrics as they were
+        assert m[key] == pytest.approx(value, abs=1e-9)

@@ -413,10 +413,6 @@ class Experiment:
         ks = (self.cfg.get("eval") or {}).get("recall_at")
         return [int(k) for k in ks] if ks else None
 
-    @property
-    def _recall(self) -> Dict[str, Any]:
-        return {"recall_ks": self.recall_ks} if self.recall_ks else {}
-
     def _method_fingerprint(self, method: str) -> str:
         return stable_hash(result_view(self.method_config(method)))
 
@@ -491,10 +487,10 @@ class Experiment:
                 model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
                 e = T.embed(model, self.ctx, test, eval_bs)
                 embs.append(torch.nn.functional.normalize(e, dim=1))
-                per_fold.append(split_metrics(e, test_labels, is_q, is_g, **self._recall))
+                per_fold.append(split_metrics(e, test_labels, is_q, is_g, recall_ks=self.recall_ks))
             separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}  # the folds' mean
             cat = torch.cat(embs, dim=1)  # [N, folds * d]
-            concatenated = split_metrics(cat, test_labels, is_q, is_g, **self._recall)
+            concatenated = split_metrics(cat, test_labels, is_q, is_g, recall_ks=self.recall_ks)
             if slot == 0:
                 np.save(self.folder / f"test_embeddings_{method}.npy", cat.numpy())
             trial.set_user_attr("separate", separate)
