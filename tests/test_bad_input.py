@@ -77,7 +77,7 @@ CASES = [
     ("unknown config file", ["--config_general", "smok"], "smoke"),
     ("reference not compared", ["--reference", "gsp"], "general.reference"),
     ("method option for no method", ["--methods", "baseline", "--loss_wrapper.options.lam", "0.3"], "applies to none"),
-    ("override for a method not compared", ["--method_overrides.gsp.trainer.batch_size", "8"], "not compared"),
+    ("override for an unknown method", ["--method_overrides.gspp.trainer.batch_size", "8"], "unknown method"),
     ("search marker low >= high", ["--loss.options.alpha", "{search: float, low: 5, high: 1}"], "low must be < high"),
     ("unknown search type", ["--loss.options.alpha", "{search: floaty, low: 1, high: 2}"], "unknown search type"),
     ("CUDA asked for without CUDA", ["--general.device", "cuda"], "CUDA is not available"),

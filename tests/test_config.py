@@ -413,3 +413,18 @@ def test_a_chosen_file_is_not_undone_by_another_category_default():
     # a chosen file of a later category still wins over an earlier chosen one
     cfg = C.load({"config_dataset": ["kanji"], "config_transforms": ["protocol227"]}, root=SHIPPED)
     assert cfg["transforms"]["image_size"] == 227
+
+
+def test_sop_and_inshop_presets_give_xml_128_prototypes_and_others_64():
+    from xml_plugin.protocol.experiment import method_config
+    for dataset, m in (("sop", 128), ("inshop", 128), ("cub200", 64), ("cards", 64)):
+        overrides = [("dataset.name", dataset)]
+        cfg = C.load({}, overrides, presets=C.presets_for({}, overrides))
+        assert method_config(cfg, "xml")["pooling"]["options"]["num_prototypes"] == m, dataset
+        assert method_config(cfg, "baseline")["pooling"]["name"] == "gap"
+
+
+def test_xml_full_searches_the_prior():
+    from xml_plugin.protocol.experiment import method_config
+    space = C.search_space(method_config(C.load({"config_search": ["xml_full"]}), "xml"))
+    assert space["pooling.options.prior"]["choices"] == [0.0, 1.0, 10.0]

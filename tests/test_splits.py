@@ -1,4 +1,4 @@
-"""Class-disjoint protocol splits (METHODS.md section 4)."""
+"""Class-disjoint protocol splits (docs/methods.md, the protocol)."""
 import json
 import types
 
@@ -119,3 +119,21 @@ def test_protocol_splits_rejects_shared_classes():
     ds.labels[16] = 0  # a query image of a training item
     with pytest.raises(ValueError, match="class-disjoint"):
         protocol_splits(ds, num_folds=4)
+
+
+def test_sop_uses_its_official_class_disjoint_split(tmp_path):
+    """SOP ships Ebay_train.txt / Ebay_test.txt: the protocol's test set is Ebay_test.txt's classes, not the upper half
+    of the sorted classes (on the fixture: test classes 7 and 50, where sorted halves would give 10 and 50)."""
+    from test_data import make_sop
+    from xml_plugin.data.real import StanfordOnlineProducts
+    make_sop(tmp_path)
+    ds = StanfordOnlineProducts(tmp_path)
+    split = protocol_splits(ds, num_folds=2)
+    names = [ds.class_names[c].split("/")[1] for c in split.test_classes]
+    assert sorted(names, key=int) == ["7", "50"]
+    assert sorted(split.test.tolist()) == [3, 4, 5]  # the three rows of Ebay_test.txt (image ids 4, 5, 6)
+    train_names = sorted({ds.class_names[c].split("/")[1] for g in split.fold_classes for c in g}, key=int)
+    assert train_names == ["3", "10"]
+    assert split.query is None and split.meta["official_test_set"]
+    halves = class_disjoint_splits(ds.labels, num_folds=2)  # what cutting the sorted classes would have given
+    assert sorted(ds.class_names[c].split("/")[1] for c in halves.test_classes) != sorted(names)

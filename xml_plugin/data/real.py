@@ -1,4 +1,4 @@
-"""Loaders for the four real benchmarks in their distributed formats (DATA.md): CUB-200-2011,
+"""Loaders for the four real benchmarks in their distributed formats (docs/data.md): CUB-200-2011,
 Cars196, Stanford Online Products and In-Shop Clothes.
 
 Classes are numbered over ALL images (the protocol splits by class itself); In-Shop also keeps
@@ -132,7 +132,8 @@ class Cars196(_RealDataset):
 
 class StanfordOnlineProducts(_RealDataset):
     """Stanford Online Products: 120,053 images of 22,634 products; Ebay_train.txt and
-    Ebay_test.txt pooled, class_id renumbered 0..C-1 in class_id order."""
+    Ebay_test.txt pooled, class_id renumbered 0..C-1 in class_id order; ``test_mask`` marks the rows of
+    Ebay_test.txt (the official class-disjoint test set, which the protocol uses)."""
 
     name = "sop"
 
@@ -143,9 +144,11 @@ class StanfordOnlineProducts(_RealDataset):
         _require(self.name, base / "Ebay_test.txt", self.root)
         self.base_dir = base
         rows = []
-        for part in ("Ebay_train.txt", "Ebay_test.txt"):
-            rows += [r for r in _read_rows(base / part, skip=1)]  # header: image_id class_id super_class_id path
+        for part in ("Ebay_train.txt", "Ebay_test.txt"):  # header: image_id class_id super_class_id path
+            rows += [(*r[:4], part == "Ebay_test.txt") for r in _read_rows(base / part, skip=1)]
         rows.sort(key=lambda r: int(r[0]))
+        # the official class-disjoint split (11,318 / 11,316 classes): the protocol's test set (data/splits.py)
+        self.test_mask = np.asarray([r[4] for r in rows], dtype=bool)
         labels, class_ids = _renumber([int(r[1]) for r in rows])
         super_of = {int(r[1]): int(r[2]) for r in rows}
         self.super_labels = np.asarray([int(r[2]) - 1 for r in rows], dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Class-disjoint splits of the fair-comparison protocol (METHODS.md section 4).
+"""Class-disjoint splits of the fair-comparison protocol (docs/methods.md, the protocol).
 
 Sort the class ids; the last ``C - floor(C * (1 - test_fraction))`` of them form the test set
 (with the default 0.5 and an odd C the test half gets the extra class). The first part is cut into
@@ -146,35 +146,43 @@ def class_disjoint_splits(labels, test_fraction: float = 0.5, num_folds: int = 4
 
 
 def protocol_splits(dataset, test_fraction: float = 0.5, num_folds: int = 4) -> Split:
-    """The protocol's split of ``dataset``: its own query/gallery partition when it has one
-    (In-Shop: test = query + gallery, folds over the classes of the remaining train images),
-    otherwise ``class_disjoint_splits(dataset.labels, ...)``."""
+    """The protocol's split of ``dataset``: its own class-disjoint test set when it ships one, so that numbers compare
+    with the literature (SOP: ``test_mask``, the rows of Ebay_test.txt; In-Shop: ``is_query`` / ``is_gallery``, test =
+    query + gallery), with the folds over the classes of the remaining images; otherwise
+    ``class_disjoint_splits(dataset.labels, ...)`` (sorted halves: CUB 100/100, Cars 98/98)."""
     labels = np.asarray(dataset.labels)
     is_query = getattr(dataset, "is_query", None)
     is_gallery = getattr(dataset, "is_gallery", None)
-    if is_query is None or is_gallery is None:
+    test_mask = getattr(dataset, "test_mask", None)
+    query_gallery = is_query is not None and is_gallery is not None
+    if not query_gallery and test_mask is None:
         split = class_disjoint_splits(labels, test_fraction, num_folds)
         split.meta["dataset"] = getattr(dataset, "name", None)
         return split
     _check(test_fraction, num_folds)  # test_fraction unused here, still validated
-    is_query, is_gallery = np.asarray(is_query, bool), np.asarray(is_gallery, bool)
     all_idx = np.arange(len(labels), dtype=np.int64)
-    is_test = is_query | is_gallery
+    if query_gallery:
+        is_query, is_gallery = np.asarray(is_query, bool), np.asarray(is_gallery, bool)
+        is_test = is_query | is_gallery
+    else:
+        is_test = np.asarray(test_mask, bool)
     train_idx = all_idx[~is_test]
     test_classes = np.unique(labels[is_test])
     trainval_classes = np.unique(labels[train_idx])
     shared = np.intersect1d(test_classes, trainval_classes)
     if len(shared):
-        raise ValueError(f"{getattr(dataset, 'name', 'dataset')}: {len(shared)} classes appear both in "
-                         f"query/gallery and in training images (e.g. {shared[:5].tolist()}); "
-                         "the protocol needs class-disjoint sets")
+        raise ValueError(f"{getattr(dataset, 'name', 'dataset')}: {len(shared)} classes appear both in its test set "
+                         f"and in its training images (e.g. {shared[:5].tolist()}); the protocol needs class-disjoint sets")
     groups = fold_groups(trainval_classes, num_folds)
+    meta = {"num_folds": int(num_folds), "num_classes": int(len(np.unique(labels))),
+            "dataset": getattr(dataset, "name", None), "official_test_set": True}
+    if query_gallery:
+        meta["query_gallery"] = True
     return Split(test=all_idx[is_test], folds=_folds_over(labels, train_idx, groups),
                  test_classes=test_classes.astype(np.int64),
                  fold_classes=[g.astype(np.int64) for g in groups],
-                 query=all_idx[is_query], gallery=all_idx[is_gallery],
-                 meta={"num_folds": int(num_folds), "num_classes": int(len(np.unique(labels))),
-                       "dataset": getattr(dataset, "name", None), "query_gallery": True})
+                 query=all_idx[is_query] if query_gallery else None,
+                 gallery=all_idx[is_gallery] if query_gallery else None, meta=meta)
 
 
 __all__ = ["Split", "class_disjoint_splits", "protocol_splits", "fold_groups"]

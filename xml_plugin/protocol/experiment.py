@@ -196,10 +196,11 @@ class Experiment:
         self.folder = Path(g["experiment_folder"]) / name
         self.storage_url = g.get("storage") or f"sqlite:///{(self.folder / 'optuna.db').resolve()}"
         self.methods: List[str] = [registry.canonical_name("method", m) for m in g["methods"]]
-        unknown = set((cfg.get(METHOD_OVERRIDES) or {})) - set(self.methods)
-        if unknown:
-            raise C.ConfigError(f"{METHOD_OVERRIDES} names methods that are not compared: {sorted(unknown)} "
-                                f"(methods: {self.methods})")
+        for m in (cfg.get(METHOD_OVERRIDES) or {}):  # a data-set preset may set values for methods not compared
+            try:
+                registry.get("method", m)
+            except registry.UnknownComponentError as exc:
+                raise C.ConfigError(f"{METHOD_OVERRIDES}.{m}: {exc}") from None
         unused = set(path for path, _ in self.overrides)
         for m in self.methods:  # every method's config must be valid before anything runs
             mcfg = self.method_config(m)
