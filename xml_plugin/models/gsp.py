@@ -1,4 +1,4 @@
-"""GSP: generalized sum pooling by entropy-smoothed partial transport to prototypes (METHODS.md 2).
+"""GSP: generalized sum pooling by entropy-smoothed partial transport to prototypes (docs/methods.md, GSP).
 
 Local features ``x_i`` (the projected feature map, ``n = H*W`` locations of mass ``1/n``) are partly
 transported to ``m`` trainable prototypes: a fraction ``mu`` (``transport_ratio``) of the mass is kept, the
@@ -6,7 +6,7 @@ rest (``rho``) is discarded. The pooled embedding is the convex combination of t
 ``z = (1/n) sum_i w_i x_i`` with ``w_i = (1 - n rho_i) / mu``; the attributes ``a_k = sum_i pi_ki / mu`` (in the
 simplex) are returned as the ``histogram``. ``mu = 1`` is plain GAP.
 
-The transport solver is the one-scalar fixed point of METHODS.md, run in the log domain; its backward is
+The transport solver is the one-scalar fixed point of docs/methods.md, run in the log domain; its backward is
 the implicit derivative of the fixed point (derivation in docs/gsp.md), or autograd through the unrolled
 iterations (``backward="unrolled"``, for checking).
 """
@@ -41,7 +41,7 @@ def _check_transport_args(transport_ratio: float, entropy: float, iterations: in
 
 
 def _solve_log_scale(log_k: torch.Tensor, transport_ratio: float, iterations: int) -> torch.Tensor:
-    """The scalar fixed point of METHODS.md 2 in the log domain: ``u = log s`` per image, [B].
+    """The scalar fixed point of docs/methods.md (GSP) in the log domain: ``u = log s`` per image, [B].
 
     ``log_k`` [B, n] holds ``log sum_k K_ki``. The update ``s <- mu / sum_i p_i k_i`` with
     ``p_i = (1/n) / (1 + s k_i)`` is ``s <- mu s / G(s)``, ``G(s) = (1/n) sum_i s k_i / (1 + s k_i)``,
@@ -115,7 +115,7 @@ def gsp_transport(cost: torch.Tensor, transport_ratio: float = 0.3, entropy: flo
     """Entropy-smoothed partial transport of ``n`` locations (mass ``1/n`` each) to ``m`` prototypes.
 
     ``cost`` [B, m, n] -> plan ``pi`` [B, m, n] and residual ``rho`` [B, n], with ``K = exp(-entropy * cost)``,
-    ``rho_i + sum_k pi_ki = 1/n`` (exact) and ``sum pi = transport_ratio`` (at convergence) (METHODS.md 2,
+    ``rho_i + sum_k pi_ki = 1/n`` (exact) and ``sum pi = transport_ratio`` (at convergence) (docs/methods.md, GSP;
     "Transport plan", "Solver"): ``iterations`` scalar updates from ``s = 1``, then the final ``p`` update.
     ``backward="analytic"`` differentiates the fixed point implicitly; ``"unrolled"`` lets autograd go through
     the iterations. ``transport_ratio = 1`` is the exact limit ``s -> inf``: ``rho = 0``, ``pi_ki = K_ki / (n k_i)``.
@@ -172,7 +172,7 @@ def kcenter(points: torch.Tensor, k: int) -> torch.Tensor:
 
 @register("pooling", name="gsp")
 class GeneralizedSumPooling(Pooling):
-    """GSP (METHODS.md 2): ``z = (1/n) sum_i w_i x_i``, ``w_i = (1 - n rho_i) / mu``, histogram ``a = sum_i pi / mu``.
+    """GSP (docs/methods.md, GSP): ``z = (1/n) sum_i w_i x_i``, ``w_i = (1 - n rho_i) / mu``, histogram ``a = sum_i pi / mu``.
 
     ``dim`` is the projected feature size ``d``; ``num_prototypes`` ``m``; ``transport_ratio`` ``mu``;
     ``entropy`` the inverse temperature ``gamma``. ``init="kcenter"`` collects ``init_features`` detached local
@@ -234,21 +234,25 @@ class GeneralizedSumPooling(Pooling):
     def forward(self, feature_map: torch.Tensor) -> PoolingOutput:
         if feature_map.dim() != 4 or feature_map.shape[1] != self.dim:
             raise ValueError(f"GSP expects a feature map [B, {self.dim}, H, W], got {tuple(feature_map.shape)}")
-        features = feature_map.flatten(2).transpose(1, 2)  # [B, n, d]
-        if not bool(self.initialized):
-            if self.training:
-                self._collect(features.detach())
+        # the cost, the solver and the weighting run in float32 (or float64), also under autocast (AMP), like XML's
+        # histogram: the transport's exponentials and fixed point are not safe in float16
+        with torch.autocast(device_type=feature_map.device.type, enabled=False):
+            dtype = torch.promote_types(feature_map.dtype, torch.float32)
+            features = feature_map.to(dtype).flatten(2).transpose(1, 2)  # [B, n, d]
             if not bool(self.initialized):
-                return PoolingOutput(feature_map.mean(dim=(2, 3)), None)
-        pi, rho = self.transport(features)  # [B, m, n], [B, n]
-        mu = self.transport_ratio
-        histogram = pi.sum(dim=2) / mu  # [B, m]
-        if mu == 1.0:  # w_i = 1: GAP exactly
-            embedding = feature_map.mean(dim=(2, 3))
-        else:
-            n = features.shape[1]
-            weights = (1 - n * rho) / mu  # [B, n]
-            embedding = torch.einsum("bn,bnd->bd", weights, features) / n  # [B, d]
+                if self.training:
+                    self._collect(features.detach())
+                if not bool(self.initialized):
+                    return PoolingOutput(features.mean(dim=1), None)
+            pi, rho = self.transport(features)  # [B, m, n], [B, n]
+            mu = self.transport_ratio
+            histogram = pi.sum(dim=2) / mu  # [B, m]
+            if mu == 1.0:  # w_i = 1: GAP exactly
+                embedding = features.mean(dim=1)
+            else:
+                n = features.shape[1]
+                weights = (1 - n * rho) / mu  # [B, n]
+                embedding = torch.einsum("bn,bnd->bd", weights, features) / n  # [B, d]
         return PoolingOutput(embedding, histogram)
 
 
