@@ -211,7 +211,33 @@ def test_zsr_gradients_reach_class_embeddings_and_histograms():
     loss.backward()
     assert wrapper.last_zsr_loss > 0
     assert wrapper.class_embeddings.grad.abs().sum() > 0 and hist.grad.abs().sum() > 0
-    assert torch.allclose(loss, 0.5 * torch.tensor(wrapper.last_base_loss) + 0.5 * torch.tensor(wrapper.last_zsr_loss))
+
+
+def test_zsr_value_from_its_definition():
+    """The zero-shot loss computed here from its definition, independently of the module: halves by sorted class
+    (classes 0, 1 -> A; 2, 3 -> B), a primal ridge fit in float64 from A's attributes to Psi[y_A], B's predicted class
+    embeddings scored against every class with softmax cross-entropy, and the same the other way; total
+    (1 - w) L_dml + w L_zsr."""
+    torch.manual_seed(0)
+    emb, hist = torch.randn(8, 6), torch.rand(8, 5).softmax(1)
+    labels = torch.tensor([2, 0, 1, 3, 0, 2, 3, 1])
+    w, ridge, scale = 0.3, 0.05, 9.5
+    wrapper = ZeroShotLoss(_ms_loss(), num_classes=4, histogram_size=5, class_embedding_size=7, weight=w,
+                           ridge=ridge, scale=scale)
+    psi = wrapper.class_embeddings.detach().double()
+    a, y = hist.double(), labels
+
+    def fit_predict_score(fit, pred):
+        h, target = a[fit], psi[y[fit]]
+        weights = torch.linalg.inv(h.T @ h + ridge * torch.eye(5, dtype=torch.float64)) @ h.T @ target  # [m, D]
+        logits = scale * (a[pred] @ weights) @ psi.T  # [b, C]
+        log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        return -log_p[torch.arange(int(pred.sum())), y[pred]].mean()
+
+    in_a = (labels == 0) | (labels == 1)
+    zsr = 0.5 * (fit_predict_score(in_a, ~in_a) + fit_predict_score(~in_a, in_a))
+    expected = (1 - w) * _ms_loss()(emb, labels).double() + w * zsr
+    assert float(wrapper(emb, labels, histograms=hist)) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [dict(weight=1.5), dict(ridge=0.0), dict(scale=-1.0), dict(num_classes=0),
