@@ -1,4 +1,4 @@
-"""Draw XML's 2-D toy: GAP as a convex combination of prototypes (METHODS.md 1), for docs/xml.md.
+"""Draw XML's 2-D toy: GAP as a convex combination of prototypes (docs/methods.md, XML), for docs/xml.md.
 
 Each toy "image" is a set of 2-D local features drawn from a few clusters with image-specific mixing
 weights. ``PrototypePooling`` learns its prototypes on a stream of such images (k-means++ seeds, then

@@ -32,7 +32,7 @@ def test_transport_constraints(mu):
 
 
 def test_transport_is_the_fixed_point_of_the_literal_solver():
-    # the log-domain solver must agree with METHODS.md's plain iteration, written here in the linear domain
+    # the log-domain solver must agree with the plain iteration of docs/methods.md, written here in the linear domain
     cost, mu, gamma, n = _cost(3, 4, 6), 0.3, 5.0, 6
     kernel = torch.exp(-gamma * cost)  # [B, m, n]
     k = kernel.sum(dim=1)  # [B, n]

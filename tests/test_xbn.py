@@ -1,4 +1,4 @@
-"""XBM / XBN / AXBN memory wrapper (METHODS.md section 3)."""
+"""XBM / XBN / AXBN memory wrapper (docs/methods.md, XBN)."""
 import io
 
 import pytest

@@ -1,4 +1,4 @@
-"""XML: prototype pooling (histogram operator, RLS prototypes) and the cross-batch loss wrapper (METHODS.md 1)."""
+"""XML: prototype pooling (histogram operator, RLS prototypes) and the cross-batch loss wrapper (docs/methods.md, XML)."""
 import copy
 
 import pytest

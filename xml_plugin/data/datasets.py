@@ -1,7 +1,7 @@
 """Base class of every data set, the registry look-up ``get_dataset`` and the cache folder.
 
 A data set is a list of images with integer class labels 0..C-1 (in the data set's own class
-order, which the class-disjoint protocol of METHODS.md section 4 splits by). Items are
+order, which the class-disjoint protocol of docs/methods.md (the protocol) splits by). Items are
 ``{"data": transformed image, "label": int}``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Data sets built from Debian packages, with no download at run time (DATA.md):
+"""Data sets built from Debian packages, with no download at run time (docs/data.md):
 
 - ``cards``: the 52 playing cards drawn by a fixed list of SVG decks (kdegames-card-data-kf5,
   rendered with librsvg2-bin's ``rsvg-convert``): few classes, several images each (CUB-like).
@@ -129,7 +129,7 @@ def _check_size(image_size) -> int:
 SUITS = ("club", "diamond", "heart", "spade")
 RANKS = tuple(str(r) for r in range(1, 11)) + ("jack", "queen", "king")
 # suit-major class order: clubs+diamonds are the protocol's train/val half, hearts+spades the test
-# half, so every rank (face cards too) is seen in training (DATA.md)
+# half, so every rank (face cards too) is seen in training (docs/data.md)
 CARD_IDS = tuple(f"{rank}_{suit}" for suit in SUITS for rank in RANKS)
 # all decks of kdegames-card-data-kf5 except konqi-modern and xskat-french ("has no dimensions"
 # in rsvg-convert) and future (abstract design); see docs/data.md

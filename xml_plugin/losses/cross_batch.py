@@ -1,4 +1,4 @@
-"""XML's cross-batch loss wrapper (METHODS.md 1, "cross-batch loss").
+"""XML's cross-batch loss wrapper (docs/methods.md, XML: "cross-batch loss").
 
 ``L = L(Z, y) + lam * L_xml`` with ``L_xml = L(Zhat_B, y_B) + L(Zhat_A, y_A)``: the batch is split by class
 into two class-disjoint halves A and B; prototypes fitted in closed form to one half (ridge regression from

@@ -1,4 +1,4 @@
-"""The closed-form ridge step shared by XML's cross-batch fit and GSP's zero-shot fit (METHODS.md 1, 2)."""
+"""The closed-form ridge step shared by XML's cross-batch fit and GSP's zero-shot fit (docs/methods.md, XML and GSP)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""GSP's zero-shot regulariser (ZSR) as a loss wrapper (METHODS.md 2, "Zero-shot regulariser").
+"""GSP's zero-shot regulariser (ZSR) as a loss wrapper (docs/methods.md, GSP: zero-shot regulariser).
 
 ``L = (1 - weight) * L_dml + weight * L_zsr``. Learnable class embeddings ``Psi`` [C, D]; the batch is split by
 class into two class-disjoint halves A and B; a ridge fit from A's attributes (the pooling's ``histogram``) to
@@ -26,7 +26,7 @@ def _positive_int(name: str, value) -> int:
 
 @register("loss_wrapper", name="zsr")
 class ZeroShotLoss(nn.Module):
-    """Base DML loss plus ZSR: ``(1 - weight) * L(Z, y) + weight * L_zsr`` (METHODS.md 2).
+    """Base DML loss plus ZSR: ``(1 - weight) * L(Z, y) + weight * L_zsr`` (docs/methods.md, GSP).
 
     ``L_zsr = (CE(scale * Yhat_B Psi^T, y_B) + CE(scale * Yhat_A Psi^T, y_A)) / 2`` with
     ``Yhat_B = ridge_fit_predict(a_A, Psi[y_A], a_B, ridge)`` (the routine XML's wrapper shares). ``Psi``

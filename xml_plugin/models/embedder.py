@@ -1,6 +1,6 @@
 """Embedders: the per-location projection between the trunk and the pooling.
 
-``conv1x1`` is the linear 1x1 projection of METHODS.md ("Notation"): each of the ``n = H*W`` locations
+``conv1x1`` is the linear 1x1 projection of docs/methods.md ("Notation"): each of the ``n = H*W`` locations
 of the trunk's feature map becomes a local feature ``f_i`` in R^d. Being linear (no bias by default),
 projecting before pooling equals "GAP, then linear embedder". ``none`` keeps the trunk's channels.
 """

@@ -1,7 +1,7 @@
 """Trunks: image -> feature map ``[B, C, h, w]``, with pretrained weights that load offline.
 
 A :class:`Trunk` is a sequence of stages (``blocks``); ``forward`` applies them in order. The
-1x1 embedder of METHODS.md ("Notation") is applied to the trunk's output feature map.
+1x1 embedder of docs/methods.md ("Notation") is applied to the trunk's output feature map.
 
 Registered builders (kind ``"trunk"``), each ``(pretrained=True, weights_path=None) -> Trunk``:
 

@@ -1,4 +1,4 @@
-"""XML's prototype pooling: GAP embedding plus the histogram operator over prototypes (METHODS.md 1).
+"""XML's prototype pooling: GAP embedding plus the histogram operator over prototypes (docs/methods.md, XML).
 
 The embedding is exactly GAP, ``z = (1/n) sum_i f_i``, in training and at evaluation (no inference cost).
 Beside it, each image gets a histogram ``h`` in the simplex: the share of its ``n = H*W`` local features
@@ -38,7 +38,7 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
 
 def prototype_histogram(local_features: torch.Tensor, prototypes: torch.Tensor, assignment: str = "hard",
                         temperature: float = 0.1) -> torch.Tensor:
-    """Histogram operator (METHODS.md 1): local features [B, n, d] -> histograms [B, m], rows in the simplex.
+    """Histogram operator (docs/methods.md, XML): local features [B, n, d] -> histograms [B, m], rows in the simplex.
 
     ``hard``: ``h_k = (1/n) #{i : argmin_j ||f_i - w_j|| = k}`` (ties go to the lowest index; no gradient).
     ``soft``: ``h_k = (1/n) sum_i softmax_k(-||f_i - w_k||^2 / temperature)`` (differentiable in the features).
@@ -60,7 +60,7 @@ def prototype_histogram(local_features: torch.Tensor, prototypes: torch.Tensor, 
 
 def rls_update(p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, z: torch.Tensor, forgetting: float,
                ridge: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of recursive least squares with forgetting (METHODS.md 1, "prototype learning").
+    """One step of recursive least squares with forgetting (docs/methods.md, XML: prototypes by recursive least squares).
 
     ``P = a P + H^T H``, ``Q = a Q + H^T Z``, ``W = (P + eps I)^-1 Q`` with ``p`` [m, m], ``q`` [m, d],
     ``h`` [B, m], ``z`` [B, d]. Returns the new ``(P, Q, W)``; the solve runs in float64 (``m x m`` is small).

@@ -1,4 +1,4 @@
-"""The fair-comparison protocol (METHODS.md 4): per method an Optuna search over the config's marked keys with the
+"""The fair-comparison protocol (docs/methods.md, the protocol): per method an Optuna search over the config's marked keys with the
 same budget, reproductions of the best configuration, then the report. Resumable and shareable between workers."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Report tables of the fair-comparison protocol (METHODS.md section 4).
+"""Report tables of the fair-comparison protocol (docs/methods.md, the protocol).
 
 Each reproduction gives one value per (embedding, metric); the report shows their mean and the
 half-width of the 95% Student-t confidence interval, as csv (exact numbers), markdown (read) and
