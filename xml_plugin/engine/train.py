@@ -208,7 +208,12 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
 
     opt_name, opt_opts = registry.split_spec(cfg["optimizer"])
     loss_lr = opt_opts.pop("loss_lr", None)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    trunk_lr = opt_opts.pop("trunk_lr", None)  # the trained trunk blocks' own learning rate (the tail regime)
+    tail = [p for p in model.tail.parameters() if p.requires_grad]
+    tail_ids = {id(p) for p in tail} if trunk_lr is not None else set()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in tail_ids]}]
+    if trunk_lr is not None and tail:
+        groups.append({"params": tail, "lr": float(trunk_lr)})
     loss_params = [p for p in loss_module.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, **({"lr": float(loss_lr)} if loss_lr else {})})

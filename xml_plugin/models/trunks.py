@@ -188,8 +188,9 @@ def _dist_version(dist: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # MobileNetV2
 
-# stage boundaries over torchvision's ``mobilenet_v2().features`` (19 modules)
-MOBILENET_V2_SPLIT = ((0, 2), (2, 4), (4, 7), (7, 14), (14, 18), (18, 19))
+# stage boundaries over torchvision's ``mobilenet_v2().features`` (19 modules); the last 320-channel block [17] is a
+# block of its own, so that ``frozen_blocks: -2`` trains it and the 1x1 conv to 1280 (the tail regime)
+MOBILENET_V2_SPLIT = ((0, 2), (2, 4), (4, 7), (7, 14), (14, 17), (17, 18), (18, 19))
 
 
 def mobilenet_v2_weights_file() -> str:
