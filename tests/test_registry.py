@@ -289,3 +289,29 @@ def test_user_registration_before_first_lookup_wins(monkeypatch):
     # after loading, registering replaces as usual
     R.register("loss", losses.ContrastiveLoss, name="contrastive")
     assert R.get("loss", "contrastive") is losses.ContrastiveLoss
+
+
+def test_nested_distance_and_reducer_specs_build_the_same_objects_as_pml_by_hand():
+    from pytorch_metric_learning import distances, reducers
+    spec = {"name": "multi_similarity", "options": {"alpha": 3.0, "distance": {"name": "lp_distance", "options": {
+        "power": 2}}, "reducer": "mean"}}
+    ours = R.build("loss", spec)
+    by_hand = losses.MultiSimilarityLoss(alpha=3.0, distance=distances.LpDistance(power=2),
+                                         reducer=reducers.MeanReducer())
+    assert isinstance(ours.distance, distances.LpDistance) and ours.distance.power == 2
+    assert isinstance(ours.reducer, reducers.MeanReducer)
+    torch.manual_seed(0)
+    emb, labels = torch.randn(16, 8), torch.arange(4).repeat_interleave(4)
+    assert torch.equal(ours(emb, labels), by_hand(emb, labels))
+    # the default (cosine similarity, AvgNonZeroReducer) gives another value: the nested spec did something
+    assert not torch.equal(R.build("loss", {"name": "multi_similarity", "options": {"alpha": 3.0}})(emb, labels),
+                           by_hand(emb, labels))
+
+
+def test_option_names_are_checked_with_close_matches_also_when_nested():
+    with pytest.raises(R.UnknownOptionError, match="did you mean alpha"):
+        R.check_option_names("loss", {"name": "multi_similarity", "options": {"alfa": 1}})
+    with pytest.raises(R.UnknownOptionError, match="power"):
+        R.check_option_names("loss", {"name": "contrastive", "options": {"distance": {"name": "lp_distance",
+                                                                                      "options": {"powr": 1}}}})
+    R.check_option_names("optimizer", {"name": "Adam", "options": {"lr": 1e-3, "trunk_lr": 1e-4}}, ("trunk_lr",))

@@ -413,7 +413,7 @@ def check_keys(cfg: Dict[str, Any], known: Optional[Dict[str, Any]] = None, pref
         spec = known[key]
         if _is_component(spec) and prefix.count(".") == (2 if prefix.startswith(METHOD_OVERRIDES) else 0):
             if isinstance(value, dict) and not is_search_marker(value):
-                if "name" not in value:
+                if "name" not in value and not prefix.startswith(METHOD_OVERRIDES):  # there: merged into the overlay
                     raise ConfigError(f"{path} has no 'name': give the component, e.g. --{path}.name NAME, "
                                       f"or set it as '{{name: NAME, options: {{...}}}}'")
                 if value.get("options") is not None and not isinstance(value["options"], dict):

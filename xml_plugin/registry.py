@@ -200,13 +200,24 @@ def split_spec(spec: Any) -> tuple:
     raise TypeError(f"a component spec is a name or a dict with 'name', got {spec!r}")
 
 
+NESTED_KINDS = ("distance", "reducer", "miner", "loss")  # an option of this name may itself be a component spec
+
+
+def _nested(key: str, value: Any) -> bool:
+    return key in NESTED_KINDS and (isinstance(value, str) or (isinstance(value, dict) and "name" in value))
+
+
 def build(kind: str, spec: Any, *args, **extra) -> Any:
     """Instantiate a component from a spec; ``extra`` keyword arguments are added to the options.
 
-    Options the constructor does not take raise a ``TypeError`` that names the valid ones.
+    An option named after a component kind (``distance``, ``reducer``, ``miner``, ``loss``) whose value is a name or
+    a ``{name: ..., options: ...}`` spec is built first (``{name: multi_similarity, options: {distance: {name:
+    cosine_similarity}, reducer: mean}}``). Options the constructor does not take raise a ``TypeError`` that names
+    the valid ones.
     """
     name, opts = split_spec(spec)
     obj = get(kind, name)
+    opts = {k: build(k, v) if _nested(k, v) else v for k, v in opts.items()}
     opts = {**opts, **extra}
     if not callable(obj):
         return obj
@@ -225,6 +236,39 @@ def build(kind: str, spec: Any, *args, **extra) -> Any:
         if "unexpected keyword argument" not in str(exc):
             raise
         raise TypeError(f"{kind} {name!r}: {exc}; valid options: {_options(obj)}") from exc
+
+
+def accepted_options(kind: str, name: str) -> List[str]:
+    """The option names a component's constructor takes (for a class, along its ``__init__`` chain)."""
+    return _options(get(kind, name))
+
+
+def check_option_names(kind: str, spec: Any, consumed: tuple = ()) -> None:
+    """Raise ``UnknownOptionError`` for an option the component does not take (close matches and the accepted ones
+    named), also inside nested component specs. ``consumed``: option names the engine takes out before building."""
+    name, opts = split_spec(spec)
+    obj = get(kind, name)
+    accepted = _options(obj) if callable(obj) else []
+    takes_any = False
+    if callable(obj) and not inspect.isclass(obj):
+        try:
+            takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(obj).parameters.values())
+        except (TypeError, ValueError):
+            takes_any = True
+    for key, value in opts.items():
+        if key in consumed:
+            continue
+        if _nested(key, value):
+            check_option_names(key, value)
+        if not takes_any and key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UnknownOptionError(f"{kind} {name!r} takes no option {key!r}: {hint}it takes "
+                                     f"{', '.join(a for a in accepted if a not in ('args', 'kwargs')) or 'none'}")
+
+
+class UnknownOptionError(ValueError):
+    """An option that a component's constructor does not take."""
 
 
 def _options(obj: Any) -> List[str]:
@@ -315,4 +359,5 @@ def describe() -> Dict[str, List[str]]:
 
 
 __all__ = ["register", "unregister", "get", "names", "build", "split_spec", "canonical_name", "describe",
-           "UnknownComponentError", "KINDS", "snake_case"]
+           "accepted_options", "check_option_names", "UnknownComponentError", "UnknownOptionError", "KINDS",
+           "snake_case"]

@@ -138,6 +138,46 @@ def fingerprint_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
             for k in sorted(set(a) | set(b)) if a.get(k, "(unset)") != b.get(k, "(unset)")]
 
 
+CONSUMED_OPTIONS = {"optimizer": ("loss_lr", "trunk_lr"), "trunk": ("frozen_blocks",), "lr_scheduler": ("step",)}
+
+
+def check_components(cfg: Dict[str, Any], method: str) -> None:
+    """Every component's options against its constructor (unknown option: ConfigError naming the accepted ones), then
+    the loss, miner, pooling and loss wrapper built once on placeholder sizes, so that their own value checks (PML's
+    included) run before anything is trained: a ValueError or AssertionError there is bad input."""
+    ds = cfg.get("dataset") or {}
+    specs = {"dataset": {"name": ds.get("name"), "options": {**(ds.get("options_for") or {}).get(ds.get("name"), {}),
+                                                             **(ds.get("options") or {})}}}
+    for kind in ("trunk", "embedder", "pooling", "loss", "miner", "loss_wrapper", "sampler", "optimizer",
+                 "lr_scheduler"):
+        if cfg.get(kind):
+            specs[kind] = cfg[kind]
+    for kind, spec in specs.items():
+        if spec:
+            try:
+                registry.check_option_names(kind, spec, CONSUMED_OPTIONS.get(kind, ()))
+            except registry.UnknownOptionError as exc:
+                raise C.ConfigError(f"method {method!r}: {exc}") from None
+    dim = int((cfg.get("embedder") or {}).get("size", 128) or 128) if isinstance(cfg.get("embedder"), dict) else 128
+    built = {}
+    try:
+        for kind in ("pooling", "loss", "miner", "loss_wrapper"):
+            if not cfg.get(kind):
+                continue
+            if kind == "pooling":
+                built[kind] = registry.build("pooling", cfg["pooling"], dim=dim)
+            elif kind == "loss_wrapper":
+                histogram = getattr(built.get("pooling"), "num_prototypes", None)
+                built[kind] = T.build_with("loss_wrapper", cfg[kind], {
+                    "num_classes": 4, "embedding_size": dim, "loss": built["loss"], "miner": built.get("miner"),
+                    "histogram_size": histogram})
+            else:
+                built[kind] = T.build_with(kind, cfg[kind], {"num_classes": 4, "embedding_size": dim})
+    except (ValueError, AssertionError) as exc:
+        raise C.ConfigError(f"method {method!r}: {kind} {registry.split_spec(cfg[kind])[0]!r} refuses its options "
+                            f"({' '.join(str(exc).split()) or type(exc).__name__}); check --{kind}.options") from None
+
+
 def _marker_range(marker: Dict[str, Any]) -> str:
     if marker["search"] == "categorical":
         return "{" + ", ".join(map(str, marker["choices"])) + "}"
@@ -256,12 +296,7 @@ class Experiment:
                 name = registry.split_spec(spec)[0]
                 if isinstance(name, str):
                     registry.get(kind, name)
-        check_options = getattr(registry, "check_options", None)
-        if check_options is not None:  # each component's options against its constructor
-            resolved = C.resolve(mcfg)
-            for kind in ("loss", "miner", "loss_wrapper", "pooling", "sampler"):
-                if resolved.get(kind):
-                    check_options(kind, resolved[kind])
+        check_components(C.resolve(mcfg), method)
         if mcfg.get("loss_wrapper"):
             wrapper = registry.get("loss_wrapper", registry.split_spec(mcfg["loss_wrapper"])[0])
             pooling = registry.get("pooling", registry.split_spec(mcfg["pooling"])[0])
