@@ -428,3 +428,18 @@ def test_xml_full_searches_the_prior():
     from xml_plugin.protocol.experiment import method_config
     space = C.search_space(method_config(C.load({"config_search": ["xml_full"]}), "xml"))
     assert space["pooling.options.prior"]["choices"] == [0.0, 1.0, 10.0]
+
+
+def test_gpu_paper_preset_is_the_reality_checks_setting():
+    cfg = C.load({"config_general": ["gpu_paper"]}, [("dataset.name", "cub200")])
+    C.check_keys(cfg)
+    assert cfg["trunk"]["frozen_blocks"] == 0 and cfg["general"]["device"] == "cuda"
+    assert cfg["optimizer"]["name"] == "RMSprop" and cfg["optimizer"]["options"]["lr"] == 1e-6
+    assert cfg["general"]["n_trials"] == 50 and cfg["general"]["reproductions"] == 10
+    assert cfg["transforms"]["image_size"] == 227 and cfg["trainer"]["batch_size"] == 32
+
+
+@pytest.mark.parametrize("category", C.CATEGORIES)
+def test_every_shipped_config_file_has_only_known_keys(category):
+    for name in C.available(category):
+        C.check_keys(C.load({category: [name]}))
