@@ -1,5 +1,6 @@
-"""The fair-comparison protocol (docs/methods.md, the protocol): per method an Optuna search over the config's marked keys with the
-same budget, reproductions of the best configuration, then the report. Resumable and shareable between workers."""
+"""The fair-comparison protocol (docs/methods.md, the protocol): per method an Optuna search over the config's
+marked keys with the same budget, reproductions of the best configuration, paired verdicts, the report. Resumable and
+shareable between workers."""
 from __future__ import annotations
 
 import copy
@@ -31,9 +32,7 @@ class TrialFailed(RuntimeError):
         self.fail_reason = reason
 
 
-METHOD_OVERRIDES = "method_overrides"
-
-
+METHOD_OVERRIDES = C.METHOD_OVERRIDES
 COMPONENT_SECTIONS = ("loss_wrapper", "miner", "lr_scheduler")  # sections that are null unless a method or the user sets them
 
 
