@@ -1,43 +1,57 @@
 """Exact trial budgets for one or many workers sharing an Optuna storage.
 
 Each unit of work (a search trial, a reproduction) holds a *slot* 0..n-1 recorded as the trial's user attribute
-``slot``. A worker asks Optuna for a trial, claims the smallest free slot, then checks again: when a trial with a
-smaller number holds the same slot, or no slot is free, the new trial is marked failed as ``surplus`` and the worker
-waits. Trials of a worker that died are failed by Optuna's heartbeat and retried by ``RetryFailedTrialCallback``
-with their slot (user attributes are copied), so every slot is done exactly once.
+``slot``. A worker runs one trial at a time with ``Study.optimize`` (so Optuna records its heartbeat); the trial
+claims the smallest free slot, then checks again: when a trial with a smaller number holds the same slot, or no slot
+is free, the trial is failed as ``surplus`` and the worker waits. The trial of a worker that died is failed (by
+Optuna's heartbeat, or at once when the dead process was on this host) and re-queued by
+``RetryHeartbeatStaleTrialCallback`` with its slot and parameters, so every slot is done exactly once.
 """
 from __future__ import annotations
 
 import os
 import random
 import socket
-import threading
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
-
-# heartbeats with ask/tell are what this module is for; Optuna's experimental/deprecation notices about them are noise
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message=".*failed_trial_callback.*|.*RetryFailedTrialCallback.*|.*Heartbeat of storage.*")
 
 SLOT, REASON = "slot", "fail_reason"
 SURPLUS, NONFINITE = "surplus", "nonfinite"
+MAX_RETRY = 3  # times the trial of a dead worker is re-queued
+
+
+class _Surplus(Exception):
+    """The trial found no free slot (recorded as ``fail_reason: surplus``)."""
+
+
+class _Recorded(Exception):
+    """``work`` failed with a ``fail_reason`` (recorded on the trial): the trial fails, the worker goes on."""
+
+
+def _retry_callback(max_retry: int = MAX_RETRY) -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    with warnings.catch_warnings():  # experimental in Optuna 5; it is the supported retry mechanism
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
 
 def make_storage(url: str, heartbeat_interval: int = 5, grace_period: Optional[int] = None,
-                 max_retry: int = 3) -> optuna.storages.RDBStorage:
+                 max_retry: int = MAX_RETRY) -> optuna.storages.RDBStorage:
     """An RDB storage (SQLite file, PostgreSQL ...) with heartbeats, so a killed worker's trial is failed and retried."""
     kwargs: Dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     for attempt in range(8):
         try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period or 3 * heartbeat_interval,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=max_retry), **kwargs)
+            with warnings.catch_warnings():  # heartbeat_interval is an experimental argument in Optuna 5
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_interval, grace_period=grace_period or 3 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=_retry_callback(max_retry), **kwargs)
         except Exception as exc:  # workers starting together race to create the schema of a new database
             from sqlalchemy.exc import IntegrityError, OperationalError
             if not isinstance(exc, (IntegrityError, OperationalError)) or attempt == 7:
@@ -61,59 +75,39 @@ def _this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _requeue(study: optuna.Study, number: int) -> None:
+    """Queue a copy of trial ``number`` (slot, parameters, retry history) as WAITING, as the heartbeat retry does."""
+    frozen = next(t for t in study.get_trials(deepcopy=True) if t.number == number)
+    _retry_callback()(study, frozen)
+
+
 def fail_dead_local_trials(study: optuna.Study) -> None:
-    """Fail (and so retry) RUNNING trials of processes on this host that no longer exist, without waiting for the grace period."""
+    """Fail and re-queue RUNNING trials of processes on this host that no longer exist, without waiting for the grace
+    period; then let Optuna fail (and re-queue) the trials whose heartbeat is stale."""
     host = socket.gethostname()
-    stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
-        if worker.rpartition(":")[0] == host:
-            pid = int(worker.rpartition(":")[2])
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                stale.append(t)
-            except PermissionError:
-                pass
-    storage = study._storage
-    for t in stale:
-        if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-            cb = storage.get_failed_trial_callback() if hasattr(storage, "get_failed_trial_callback") else None
-            if cb is not None:
-                cb(study, storage.get_trial(t._trial_id))
-    optuna.storages.fail_stale_trials(study)
+        if worker.rpartition(":")[0] != host:
+            continue
+        try:
+            os.kill(int(worker.rpartition(":")[2]), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker failed it first, and re-queued it
+        _requeue(study, t.number)
+    with warnings.catch_warnings():  # experimental in Optuna 5; what Study.optimize itself calls before each trial
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
-class _Heartbeat:
-    """Records the trial's heartbeat every ``interval`` seconds while the work runs (ask/tell has no built-in one)."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial):
-        self.storage, self.trial_id = study._storage, trial._trial_id
-        self.interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop.wait(self.interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # a transient storage error must not kill the training
-                pass
-
-    def __enter__(self):
-        if self.interval:
-            self.storage.record_heartbeat(self.trial_id)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join()
-
-
-def claim(study: optuna.Study, trial: optuna.Trial, n_slots: int) -> Optional[int]:
-    """The slot this trial works on, or None (the trial is surplus and has been marked failed)."""
+def _claim(study: optuna.Study, trial: optuna.Trial, n_slots: int) -> Optional[int]:
+    """The slot this trial works on, or None (then its ``fail_reason`` is ``surplus``; the caller fails it)."""
     trial.set_user_attr("worker", _this_worker())
     mine = trial.user_attrs.get(SLOT)
     if mine is None:
@@ -127,9 +121,16 @@ def claim(study: optuna.Study, trial: optuna.Trial, n_slots: int) -> Optional[in
             t.number < trial.number and counted(t) and t.user_attrs.get(SLOT) == mine
             for t in study.get_trials(deepcopy=False)):
         trial.set_user_attr(REASON, SURPLUS)
-        study.tell(trial, state=TrialState.FAIL)
         return None
     return mine
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, n_slots: int) -> Optional[int]:
+    """The slot this trial works on, or None (the trial is surplus and has been marked failed)."""
+    slot = _claim(study, trial, n_slots)
+    if slot is None:
+        study.tell(trial, state=TrialState.FAIL)
+    return slot
 
 
 def run_slots(study: optuna.Study, n_slots: int, work: Callable[[optuna.Trial, int], float],
@@ -138,8 +139,29 @@ def run_slots(study: optuna.Study, n_slots: int, work: Callable[[optuna.Trial, i
 
     ``work`` returns the objective value, raises ``optuna.TrialPruned`` to prune, or raises an exception whose
     ``fail_reason`` attribute (e.g. ``"nonfinite: ..."``) is recorded when the trial fails; any other exception propagates
-    after the trial is marked failed.
+    after the trial is marked failed. An interrupted trial (``KeyboardInterrupt``) is failed and re-queued.
     """
+    surplus: List[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        slot = _claim(study, trial, n_slots)
+        if slot is None:
+            surplus.append(trial.number)
+            raise _Surplus(f"trial {trial.number}: no free slot of {n_slots}")
+        try:
+            return work(trial, slot)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            _requeue(study, trial.number)  # Optuna fails it; the copy resumes the slot on the next start
+            raise
+        except Exception as exc:
+            reason = getattr(exc, "fail_reason", None)
+            trial.set_user_attr(REASON, reason or f"error: {type(exc).__name__}: {exc}"[:500])
+            if reason:
+                raise _Recorded(reason) from exc
+            raise
+
     fail_dead_local_trials(study)
     while (done := slots_done(study)) < n_slots:
         busy = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
@@ -150,25 +172,10 @@ def run_slots(study: optuna.Study, n_slots: int, work: Callable[[optuna.Trial, i
             time.sleep(poll_seconds)
             fail_dead_local_trials(study)
             continue
-        trial = study.ask()
-        slot = claim(study, trial, n_slots)
-        if slot is None:
+        study.optimize(objective, n_trials=1, catch=(_Surplus, _Recorded))
+        if surplus:
+            surplus.clear()
             time.sleep(poll_seconds * 0.5)
-            continue
-        with _Heartbeat(study, trial):
-            try:
-                value = work(trial, slot)
-            except optuna.TrialPruned:
-                study.tell(trial, state=TrialState.PRUNED)
-                continue
-            except Exception as exc:
-                reason = getattr(exc, "fail_reason", None)
-                trial.set_user_attr(REASON, reason or f"error: {type(exc).__name__}: {exc}"[:500])
-                study.tell(trial, state=TrialState.FAIL)
-                if reason:
-                    continue
-                raise
-        study.tell(trial, value)
 
 
 def finished_trials(study: optuna.Study) -> List[optuna.trial.FrozenTrial]:
