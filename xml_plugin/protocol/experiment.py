@@ -133,8 +133,9 @@ def fingerprint_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
                                                         if m in new.get("methods", {})}})
     b = flat({"shared": new.get("shared"), "methods": {m: c for m, c in new.get("methods", {}).items()
                                                         if m in old.get("methods", {})}})
+    # a key that is missing on one side and null on the other is the same setting (a default added later as null)
     return [f"{k.removeprefix('shared.').removeprefix('budget.')}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "(unset)") != b.get(k, "(unset)")]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 CONSUMED_OPTIONS = {"optimizer": ("loss_lr", "trunk_lr"), "trunk": ("frozen_blocks",), "lr_scheduler": ("step",)}
