@@ -146,8 +146,10 @@ def test_train_fold_learns_and_writes_result(tiny_cfg, method):
     assert (run_dir / "result.json").stat().st_mtime_ns == stamp
 
 
-def test_interrupted_training_resumes_to_the_same_result(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(**{"trainer.max_epochs": 3})
+@pytest.mark.parametrize("scheduler", [None, {"name": "StepLR", "options": {"step_size": 5, "gamma": 0.5},
+                                                "step": "iteration"}])
+def test_interrupted_training_resumes_to_the_same_result(tiny_cfg, tmp_path, scheduler):
+    cfg = tiny_cfg(**{"trainer.max_epochs": 3, "lr_scheduler": scheduler})
     exp = _experiment(cfg)
     ccfg = C.resolve(method_config(cfg, "xml"))
     tr, va = (np.asarray(a) for a in exp.split.folds[1])
@@ -163,6 +165,47 @@ def test_interrupted_training_resumes_to_the_same_result(tiny_cfg, tmp_path):
     strip = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]
     assert strip(resumed) == strip(full)
     assert resumed["val"] == full["val"]
+    if scheduler:  # the scheduler's state came back from the checkpoint: epoch 2 starts at 1e-3 * 0.5 ** (12 // 5)
+        base = C.resolve(method_config(cfg, "xml"))["optimizer"]["options"]["lr"]
+        assert [h["lr"] for h in resumed["history"]] == pytest.approx([base, base * 0.5, base * 0.25], rel=1e-12)
+
+
+@pytest.mark.parametrize("step", ["iteration", "epoch"])
+def test_lr_scheduler_changes_the_lr_like_torch_stepping_the_same_way(tiny_cfg, tmp_path, step):
+    size = 4 if step == "iteration" else 2
+    spec = {"name": "StepLR", "options": {"step_size": size, "gamma": 0.3}, "step": step}
+    iters, epochs = 6, 3
+    cfg = tiny_cfg(**{"trainer.max_epochs": epochs, "trainer.iterations_per_epoch": iters, "lr_scheduler": spec})
+    exp = _experiment(cfg)
+    ccfg = C.resolve(method_config(cfg, "baseline"))
+    tr, va = (np.asarray(a) for a in exp.split.folds[0])
+    res = T.train_fold(ccfg, exp.ctx, tr, va, tmp_path / "s", seed=0)
+    # torch's own StepLR on a throw-away optimizer, stepped once per iteration or once per epoch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=ccfg["optimizer"]["options"]["lr"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=size, gamma=0.3)
+    expected = []
+    for _ in range(epochs):
+        expected.append(opt.param_groups[0]["lr"])
+        for _ in range(iters if step == "iteration" else 1):
+            opt.step()
+            sched.step()
+    assert [h["lr"] for h in res["history"]] == expected
+    assert len(set(expected)) > 1  # the sequence does change
+    with pytest.raises(C.ConfigError, match="iteration' or 'epoch"):
+        T.build_scheduler({**spec, "step": "batch"}, opt)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(tiny_cfg, tmp_path):
+    """With lr 0 nothing changes: epoch 0 sets the best, then ``patience`` epochs without improvement stop the run."""
+    cfg = tiny_cfg(**{"trainer.max_epochs": 8, "trainer.patience": 2, "trainer.iterations_per_epoch": 2,
+                      "optimizer.options": {"lr": 0.0}})
+    exp = _experiment(cfg)
+    ccfg = C.resolve(method_config(cfg, "baseline"))
+    assert ccfg["optimizer"]["options"]["lr"] == 0.0
+    tr, va = (np.asarray(a) for a in exp.split.folds[0])
+    res = T.train_fold(ccfg, exp.ctx, tr, va, tmp_path / "p", seed=0)
+    assert res["epochs_run"] == 1 + 2 and res["best_epoch"] == 0
+    assert len({h["mean_average_precision_at_r"] for h in res["history"]}) == 1
 
 
 def test_nonfinite_loss_is_an_error(tiny_cfg):

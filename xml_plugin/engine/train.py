@@ -135,6 +135,23 @@ class _PlainLoss(nn.Module):
         return self.loss(embeddings, labels, indices)
 
 
+SCHEDULER_STEPS = ("iteration", "epoch")
+
+
+def build_scheduler(spec: Any, optimizer: torch.optim.Optimizer):
+    """The ``lr_scheduler`` config (``{name, options, step: iteration|epoch}``, null: none) -> (scheduler, step)."""
+    if not spec:
+        return None, None
+    name, opts = registry.split_spec(spec)
+    step = opts.pop("step", "epoch")
+    if step not in SCHEDULER_STEPS:
+        raise ConfigError(f"lr_scheduler.step must be 'iteration' or 'epoch', got {step!r}")
+    scheduler = registry.build("lr_scheduler", {"name": name, "options": opts}, optimizer)
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and step != "epoch":
+        raise ConfigError(f"lr_scheduler {name!r} steps on the validation MAP@R: set lr_scheduler.step to epoch")
+    return scheduler, step
+
+
 def check_compatible(model: EmbeddingModel, loss_module: nn.Module, cfg: Dict[str, Any]) -> None:
     if getattr(loss_module, "needs_histograms", False) and not getattr(model.pooling, "gives_histogram", False):
         wrapper = registry.split_spec(cfg["loss_wrapper"])[0]
@@ -220,6 +237,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     optimizer = registry.build("optimizer", {"name": opt_name, "options": opt_opts}, groups)
     use_amp = bool(tr.get("amp", True)) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scheduler, sched_step = build_scheduler(cfg.get("lr_scheduler"), optimizer)
 
     state = {"epoch": 0, "best_value": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_metrics": None}
     ckpt_path = run_dir / "checkpoint.pt"
@@ -229,6 +247,8 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
         loss_module.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["lr_scheduler"])
         state = ckpt["state"]
         torch.set_rng_state(ckpt["torch_rng"])
 
@@ -240,7 +260,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     bar = tqdm(total=max_epochs * iters, initial=state["epoch"] * iters, desc=desc or "training", unit="it",
                disable=not ctx.progress, leave=False)
     try:
-        while state["epoch"] < max_epochs and not (patience is not None and state["bad_epochs"] > int(patience)):
+        while state["epoch"] < max_epochs and not (patience is not None and state["bad_epochs"] >= int(patience)):
             epoch = state["epoch"]
             rng = np.random.default_rng([seed, epoch])
             batches = make_batches(train_labels, cfg, iters, seed * 1000 + epoch)
@@ -249,6 +269,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
             if tr.get("freeze_bn", True):
                 _freeze_bn(model)
             t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]  # at the epoch's start
             losses = []
             for it, x in enumerate(ctx.source.train_batches([train_idx[b] for b in batches], rng)):
                 y = torch.as_tensor(train_labels[batches[it]], device=device)
@@ -267,12 +288,18 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], float(clip))
                 scaler.step(optimizer)
                 scaler.update()
+                if sched_step == "iteration":
+                    scheduler.step()
                 losses.append(loss.item())
                 recorder.add("train", "loss", losses[-1], epoch * iters + it)
                 bar.update(1)
             metrics = evaluate_indices(model, ctx, val_idx, int(cfg.get("eval", {}).get("batch_size", 128)))
             value = metrics[OBJECTIVE]
-            entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0, **metrics}
+            if sched_step == "epoch":
+                plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                scheduler.step(value) if plateau else scheduler.step()
+            entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr, "seconds": time.perf_counter() - t0,
+                     **metrics}
             state["history"].append(entry)
             for k, v in metrics.items():
                 recorder.add("validation", k, v, epoch)
@@ -286,6 +313,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
             recorder.save()
             atomic_torch_save(ckpt_path, {"model": model.trainable_state_dict(), "loss": loss_module.state_dict(),
                                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                          "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
                                           "state": state, "torch_rng": torch.get_rng_state()})
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", map_r=f"{value:.3f}")
             if on_epoch is not None:
