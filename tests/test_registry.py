@@ -228,12 +228,13 @@ def test_register_dict_method(cleanup):
 def test_build_rejects_unknown_options_naming_valid_ones(cleanup):
     R.register("loss", MyLoss, name="my_strict")
     cleanup.append(("loss", "my_strict"))
-    with pytest.raises(TypeError) as info:
+    with pytest.raises(R.UnknownOptionError) as info:
         R.build("loss", {"name": "my_strict", "scael": 2.0})
     msg = str(info.value)
     assert "scael" in msg and "scale" in msg and "offset" in msg
+    assert isinstance(info.value, xml_plugin.config.ConfigError)  # bad input: the CLI exits with 2
     # PML classes take **kwargs and pass them down: the message still names the chain's options
-    with pytest.raises(TypeError) as info:
+    with pytest.raises(R.UnknownOptionError) as info:
         R.build("loss", {"name": "multi_similarity", "options": {"alpah": 2.0}})
     msg = str(info.value)
     assert "alpah" in msg and "alpha" in msg and "distance" in msg
@@ -315,3 +316,78 @@ def test_option_names_are_checked_with_close_matches_also_when_nested():
         R.check_option_names("loss", {"name": "contrastive", "options": {"distance": {"name": "lp_distance",
                                                                                       "options": {"powr": 1}}}})
     R.check_option_names("optimizer", {"name": "Adam", "options": {"lr": 1e-3, "trunk_lr": 1e-4}}, ("trunk_lr",))
+
+
+def test_nested_dict_specs_build_the_loss_pml_builds_by_hand():
+    spec = {"name": "multi_similarity", "options": {"distance": {"name": "cosine_similarity"},
+                                                    "reducer": {"name": "mean"}}}
+    ours = R.build("loss", spec)
+    by_hand = losses.MultiSimilarityLoss(distance=distances.CosineSimilarity(), reducer=reducers.MeanReducer())
+    torch.manual_seed(1)
+    emb, labels = torch.randn(20, 6), torch.arange(5).repeat_interleave(4)
+    assert type(ours.reducer) is reducers.MeanReducer and type(ours.distance) is distances.CosineSimilarity
+    assert torch.equal(ours(emb, labels), by_hand(emb, labels))
+    # another nested reducer gives PML's value for that reducer, which differs: the nested spec is what is used
+    summed = R.build("loss", {"name": "multi_similarity", "options": {"reducer": {"name": "sum"}}})(emb, labels)
+    assert torch.equal(summed, losses.MultiSimilarityLoss(reducer=reducers.SumReducer())(emb, labels))
+    assert not torch.equal(summed, by_hand(emb, labels))
+
+
+def test_any_option_named_after_a_kind_takes_a_nested_spec(cleanup):
+    class WithEmbedder:
+        def __init__(self, embedder=None, label="x"):
+            self.embedder, self.label = embedder, label
+
+    R.register("loss", WithEmbedder, name="with_embedder")
+    cleanup.append(("loss", "with_embedder"))
+    built = R.build("loss", {"name": "with_embedder", "options": {
+        "embedder": {"name": "conv1x1", "options": {"in_channels": 4, "size": 3}}, "label": {"no": "name key"}}})
+    assert built.embedder.proj.weight.shape == (3, 4, 1, 1)
+    assert built.label == {"no": "name key"}  # a mapping without 'name' is an ordinary value
+    with pytest.raises(UnknownComponentError, match="conv1x1"):
+        R.build("loss", {"name": "with_embedder", "options": {"embedder": {"name": "conv1x2"}}})
+
+
+def test_check_options_turns_constructor_refusals_into_config_errors():
+    CE = xml_plugin.config.ConfigError
+    R.check_options("loss", {"name": "multi_similarity", "options": {"alpha": 2.0, "distance": {
+        "name": "cosine_similarity"}, "reducer": {"name": "mean"}}})  # fine: no error
+    with pytest.raises(CE) as info:  # PML: "Imbalance must be between 0 and 1"
+        R.check_options("loss", {"name": "ranked_list", "options": {"margin": 0.4, "Tn": 1, "imbalance": 2}})
+    msg = str(info.value)
+    assert "ranked_list" in msg and "imbalance=2" in msg and "Imbalance must be between 0 and 1" in msg
+    assert "margin" not in msg and "\n" not in msg
+    with pytest.raises(CE, match="large_margin_softmax.*distance.*CosineSimilarity"):
+        R.check_options("loss", {"name": "large_margin_softmax", "options": {"distance": {"name": "lp_distance"}}})
+    with pytest.raises(CE, match="lp_distance.*is_inverted"):  # inside a nested spec: the nested component is named
+        R.check_options("loss", {"name": "contrastive", "options": {"distance": {
+            "name": "lp_distance", "options": {"is_inverted": True}}}})
+    with pytest.raises(CE, match="Adam.*lr=-1.*Invalid learning rate"):
+        R.check_options("optimizer", {"name": "Adam", "options": {"lr": -1}})
+    with pytest.raises(CE, match="needs more options.*Tn"):
+        R.check_options("loss", {"name": "ranked_list", "options": {"margin": 0.4}})
+    with pytest.raises(R.UnknownOptionError, match="did you mean step_size"):
+        R.check_options("lr_scheduler", {"name": "StepLR", "options": {"step_sise": 2}, "step": "epoch"}, ("step",))
+    R.check_options("lr_scheduler", {"name": "StepLR", "options": {"step_size": 2}, "step": "epoch"}, ("step",))
+    # a search marker is a value the constructor cannot judge: names are checked, values left to the trial
+    R.check_options("loss", {"name": "ranked_list", "options": {"margin": 0.4, "Tn": 1, "imbalance": {
+        "search": "float", "low": 0.0, "high": 1.0}}})
+
+
+def test_check_options_runs_constructors_only(cleanup):
+    """An error inside a user's component at run time, or a bug in its constructor, is not bad input."""
+    class Buggy(torch.nn.Module):
+        def __init__(self, scale=1.0):
+            super().__init__()
+            self.scale = float(scale)
+            if self.scale == 3.0:
+                raise TypeError("a bug in the constructor")
+
+        def forward(self, embeddings, labels, indices_tuple=None):
+            raise ValueError("a bug at run time")
+
+    R.register("loss", Buggy, name="buggy")
+    cleanup.append(("loss", "buggy"))
+    R.check_options("loss", {"name": "buggy", "options": {"scale": 2.0}})  # forward never runs
+    with pytest.raises(TypeError, match="a bug in the constructor"):
+        R.check_options("loss", {"name": "buggy", "options": {"scale": 3.0}})

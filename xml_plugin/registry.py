@@ -14,6 +14,8 @@ import re
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
+from .config import ConfigError, is_search_marker
+
 KINDS = (
     "trunk",
     "pooling",
@@ -200,11 +202,15 @@ def split_spec(spec: Any) -> tuple:
     raise TypeError(f"a component spec is a name or a dict with 'name', got {spec!r}")
 
 
-NESTED_KINDS = ("distance", "reducer", "miner", "loss")  # an option of this name may itself be a component spec
+NESTED_KINDS = ("distance", "reducer", "miner", "loss")  # an option of this name may be a component's bare name
 
 
 def _nested(key: str, value: Any) -> bool:
-    return key in NESTED_KINDS and (isinstance(value, str) or (isinstance(value, dict) and "name" in value))
+    """Is option ``key: value`` a component spec? A ``{name: ...}`` mapping under an option named after a kind
+    (``distance``, ``reducer``, ``miner``, ``embedder`` ...), or a bare name for the kinds of ``NESTED_KINDS``."""
+    if isinstance(value, str):
+        return key in NESTED_KINDS
+    return isinstance(value, dict) and "name" in value and key in _entries and key != "method"
 
 
 def build(kind: str, spec: Any, *args, **extra) -> Any:
@@ -212,8 +218,8 @@ def build(kind: str, spec: Any, *args, **extra) -> Any:
 
     An option named after a component kind (``distance``, ``reducer``, ``miner``, ``loss``) whose value is a name or
     a ``{name: ..., options: ...}`` spec is built first (``{name: multi_similarity, options: {distance: {name:
-    cosine_similarity}, reducer: mean}}``). Options the constructor does not take raise a ``TypeError`` that names
-    the valid ones.
+    cosine_similarity}, reducer: mean}}``). Options the constructor does not take raise an ``UnknownOptionError``
+    (a ``ConfigError``) that names the valid ones.
     """
     name, opts = split_spec(spec)
     obj = get(kind, name)
@@ -228,19 +234,49 @@ def build(kind: str, spec: Any, *args, **extra) -> Any:
     if sig is not None and not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
         bad = [k for k in opts if k not in sig.parameters]
         if bad:
-            valid = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
-            raise TypeError(f"{kind} {name!r} takes no option(s) {bad}; valid options: {valid}")
+            raise _unknown_option(kind, name, bad[0], _options(obj))
     try:
         return obj(*args, **opts)
     except TypeError as exc:  # **kwargs passed down a class hierarchy (PML): name the options of the whole chain
-        if "unexpected keyword argument" not in str(exc):
+        bad = [k for k in opts if f"argument '{k}'" in str(exc)]
+        if "unexpected keyword argument" not in str(exc) or not bad:
             raise
-        raise TypeError(f"{kind} {name!r}: {exc}; valid options: {_options(obj)}") from exc
+        raise _unknown_option(kind, name, bad[0], _options(obj)) from None
+
+
+def _takes(obj: Any) -> set:
+    """Keyword names ``obj`` accepts: its own signature's, or along the ``__init__`` chain when it forwards **kwargs."""
+    if not callable(obj):
+        return set()
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return set(_options(obj))
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return set(_options(obj))
+    return {p.name for p in params}
+
+
+def build_with(kind: str, spec: Any, available: Dict[str, Any], *args) -> Any:
+    """Build a component, passing those of ``available`` (num_classes, embedding_size ...) that its constructor takes
+    and the spec does not set."""
+    name, opts = split_spec(spec)
+    obj = get(kind, name)
+    takes = _takes(obj)
+    extra = {k: v for k, v in available.items() if k in takes and k not in opts}
+    return build(kind, {"name": name, "options": opts}, *args, **extra)
 
 
 def accepted_options(kind: str, name: str) -> List[str]:
     """The option names a component's constructor takes (for a class, along its ``__init__`` chain)."""
     return _options(get(kind, name))
+
+
+def _unknown_option(kind: str, name: str, key: str, accepted: List[str]) -> "UnknownOptionError":
+    accepted = [a for a in accepted if a not in ("args", "kwargs")]
+    close = difflib.get_close_matches(key, accepted, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UnknownOptionError(f"{kind} {name!r} takes no option {key!r}: {hint}it takes {', '.join(accepted) or 'none'}")
 
 
 def check_option_names(kind: str, spec: Any, consumed: tuple = ()) -> None:
@@ -261,14 +297,72 @@ def check_option_names(kind: str, spec: Any, consumed: tuple = ()) -> None:
         if _nested(key, value):
             check_option_names(key, value)
         if not takes_any and key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise UnknownOptionError(f"{kind} {name!r} takes no option {key!r}: {hint}it takes "
-                                     f"{', '.join(a for a in accepted if a not in ('args', 'kwargs')) or 'none'}")
+            raise _unknown_option(kind, name, key, accepted)
 
 
-class UnknownOptionError(ValueError):
+class UnknownOptionError(ConfigError):
     """An option that a component's constructor does not take."""
+
+
+# placeholders for what the engine passes at build time, so that a constructor can run before any data is loaded
+_PLACEHOLDERS = {"num_classes": 4, "embedding_size": 8, "dim": 8, "in_channels": 8}
+VALUE_CHECKED = ("loss", "miner", "distance", "reducer", "optimizer", "lr_scheduler")  # built by check_options
+
+
+def _has_marker(value: Any) -> bool:
+    if is_search_marker(value):
+        return True
+    if isinstance(value, dict):
+        return any(_has_marker(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and any(_has_marker(v) for v in value)
+
+
+def _build_for_check(kind: str, name: str, opts: Dict[str, Any]) -> Any:
+    args: tuple = ()
+    if kind in ("optimizer", "lr_scheduler"):
+        import torch
+        args = ([torch.nn.Parameter(torch.zeros(1))],)
+        if kind == "lr_scheduler":
+            args = (torch.optim.SGD(args[0], lr=0.1),)
+    return build_with(kind, {"name": name, "options": opts}, _PLACEHOLDERS, *args)
+
+
+def check_options(kind: str, spec: Any, consumed: tuple = ()) -> None:
+    """Check a component spec before anything runs: option names against the constructor (along its ``__init__``
+    chain), nested specs included; then, for the kinds of ``VALUE_CHECKED`` whose options hold no search marker, the
+    constructor itself runs on placeholder sizes, so that its own value checks (PML's, torch's) apply.
+
+    Raises ``ConfigError`` naming the component, the option and the constructor's message."""
+    check_option_names(kind, spec, consumed)
+    name, opts = split_spec(spec)
+    opts = {k: v for k, v in opts.items() if k not in consumed}
+    for key, value in opts.items():
+        if _nested(key, value):
+            check_options(key, value)
+    if kind not in VALUE_CHECKED or _has_marker(opts):
+        return
+    try:
+        _build_for_check(kind, name, opts)
+    except TypeError as exc:  # a required option left out
+        if "required" not in str(exc) or "missing" not in str(exc):
+            raise
+        raise ConfigError(f"{kind} {name!r} needs more options ({exc}); set them in {kind}.options") from None
+    except (ValueError, AssertionError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        bad = [k for k in opts if _accepts_without(kind, name, opts, k)] or list(opts)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"{kind} {name!r} refuses option {', '.join(f'{k}={opts[k]!r}' for k in bad)} "
+                          f"({message}); fix it in {kind}.options") from None
+
+
+def _accepts_without(kind: str, name: str, opts: Dict[str, Any], key: str) -> bool:
+    """Does the constructor accept ``opts`` once ``key`` is left at its default (``key`` is then the culprit)?"""
+    try:
+        _build_for_check(kind, name, {k: v for k, v in opts.items() if k != key})
+    except (TypeError, ValueError, AssertionError):
+        return False
+    return True
 
 
 def _options(obj: Any) -> List[str]:
@@ -359,5 +453,5 @@ def describe() -> Dict[str, List[str]]:
 
 
 __all__ = ["register", "unregister", "get", "names", "build", "split_spec", "canonical_name", "describe",
-           "accepted_options", "check_option_names", "UnknownComponentError", "UnknownOptionError", "KINDS",
+           "accepted_options", "check_option_names", "check_options", "build_with", "UnknownComponentError", "UnknownOptionError", "KINDS",
            "snake_case"]

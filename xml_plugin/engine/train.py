@@ -3,7 +3,6 @@ early stopping, atomic checkpoints every epoch, resume, record-keeper/TensorBoar
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import random
 import time
@@ -97,16 +96,7 @@ class RunContext:
     progress: bool = True
 
 
-def build_with(kind: str, spec: Any, available: Dict[str, Any], *args) -> Any:
-    """Build a component, passing those of ``available`` (num_classes, embedding_size ...) that its constructor takes."""
-    name, opts = registry.split_spec(spec)
-    cls = registry.get(kind, name)
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        params = {}
-    extra = {k: v for k, v in available.items() if k in params and k not in opts}
-    return registry.build(kind, {"name": name, "options": opts}, *args, **extra)
+build_with = registry.build_with  # build a component with those of num_classes, embedding_size ... that it takes
 
 
 def build_loss(cfg: Dict[str, Any], num_classes: int, emb_size: int, histogram_size: Optional[int]) -> nn.Module:
