@@ -32,6 +32,8 @@ examples:
   python run.py --experiment_name xml_once --loss multi_similarity --search none
   python run.py --compare experiments/xml_ms experiments/xml_contrastive
   python run.py --list
+  python run.py --evaluate experiments/xml_ms --export
+  python run.py --experiment_name mine --dataset csv --dataset_root my_data.csv --import my_losses.py --loss my_loss
 """
 
 SHORTHANDS = {
@@ -91,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list registered components and methods, then exit")
     p.add_argument("--print_config", action="store_true", help="print the merged config and exit")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--evaluate", metavar="EXP", help="test the saved models of a finished experiment folder again "
+                                                     "(every method, reproduction and fold), without training")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="with --evaluate: the test set (default) or each fold's validation classes")
+    p.add_argument("--export", action="store_true", help="with --evaluate: write the embeddings with labels and image "
+                                                         "paths to EXP/export/SPLIT/ (see docs/export.md)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module (a name importable from the working folder, or a .py file) whose "
+                        "xml_plugin.register(...) calls add your components; repeatable")
     return p
 
 
@@ -128,9 +139,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if args.imports:
+            from .user_modules import import_modules
+            import_modules(args.imports)
         if args.list:
             for kind, names in registry.describe().items():
                 print(f"{kind} ({len(names)}): {', '.join(names)}")
+            return 0
+        if args.evaluate:
+            from .protocol.evaluate_saved import EXPORT, evaluate_experiment, summary
+            results = evaluate_experiment(args.evaluate, split=args.split, export=args.export,
+                                          progress=not args.no_progress)
+            print(summary(results, args.split))
+            print(f"metrics: {args.evaluate}/evaluate_{args.split}.csv"
+                  + (f"; embeddings: {args.evaluate}/{EXPORT}/{args.split}/" if args.export else ""), file=sys.stderr)
             return 0
         if args.compare:
             from .protocol.report import compare

@@ -52,7 +52,12 @@ _Loader.add_implicit_resolver(
 
 
 def config_root() -> Path:
-    return Path(os.environ.get("XML_PLUGIN_CONFIG_ROOT", CONFIG_ROOT))
+    """``$XML_PLUGIN_CONFIG_ROOT``, else the configs shipped inside the installed package, else the checkout's
+    top-level ``benchmark_configs/``."""
+    if os.environ.get("XML_PLUGIN_CONFIG_ROOT"):
+        return Path(os.environ["XML_PLUGIN_CONFIG_ROOT"])
+    shipped = Path(__file__).resolve().parent / "benchmark_configs"  # package data of a wheel (setup.cfg)
+    return shipped if shipped.is_dir() else CONFIG_ROOT
 
 
 def available(category: str, root: Optional[Path] = None) -> List[str]:
@@ -125,6 +130,9 @@ def load(selection: Optional[Dict[str, Sequence[str]]] = None, overrides: Iterab
     cfg: Dict[str, Any] = {}
     # every category's default first, then the chosen files: a chosen file (say config_dataset/kanji.yaml, which
     # also sets transforms and cache keys) is never undone by a later category's default
+    if not (root / CATEGORIES[0] / "default.yaml").is_file():  # the general section every run needs
+        raise ConfigError(f"the config folder {root} has no {CATEGORIES[0]}/default.yaml: point XML_PLUGIN_CONFIG_ROOT "
+                          f"at a complete benchmark_configs/ folder, or reinstall the package with its data")
     for category in CATEGORIES:
         if (root / category / "default.yaml").is_file():
             cfg = merge(cfg, load_category(category, ["default"], root))

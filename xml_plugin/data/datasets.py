@@ -118,7 +118,7 @@ class DMLDataset(torch.utils.data.Dataset):
 
 def _import_builtin_datasets() -> None:
     # registering happens at import; importing here keeps get_dataset usable on its own
-    from . import embedded, real  # noqa: F401
+    from . import csv_dataset, embedded, real  # noqa: F401
 
 
 def get_dataset(name: str, root: Optional[str] = None, transform: Optional[Callable] = None,
@@ -132,3 +132,5 @@ def get_dataset(name: str, root: Optional[str] = None, transform: Optional[Calla
 
 
 __all__ = ["DMLDataset", "get_dataset", "cache_root", "short_hash", "CACHE_ENV"]
+
+from . import csv_dataset  # noqa: E402,F401  (registers csv: a data set from an open-metric-learning CSV)

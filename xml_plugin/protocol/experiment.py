@@ -22,6 +22,8 @@ from ..engine.evaluate import split_metrics
 from ..engine.io import atomic_write_json, read_json, stable_hash
 from ..engine.model import build_trunk, frozen_blocks
 from . import slots
+from .log import ExperimentLog, experiment_bar
+from .run_index import record_run
 
 log = logging.getLogger("xml_plugin")
 
@@ -422,6 +424,9 @@ class Experiment:
                                 desc=desc, on_epoch=on_epoch)
         except T.NonFiniteLossError as exc:
             raise TrialFailed(f"{slots.NONFINITE}: {exc}") from exc
+        finally:
+            if getattr(self, "bar", None) is not None:  # the whole experiment's ETA (see run)
+                self.bar.update(1)
 
     def study(self, method: str, part: str) -> optuna.Study:
         g = self.cfg["general"]
@@ -481,15 +486,20 @@ class Experiment:
             study.sampler = self.sampler(slot)
             params = {path: C.suggest(trial, path, marker) for path, marker in space.items()}
             ccfg = C.resolve(mcfg, params)
-            values = []
+            values, t0 = [], time.perf_counter()
             for f in range(len(self.split.folds)):
+                record_run(self.folder, self.run_dir(method, ccfg, f, seed), method, "trial", slot, f, seed, params,
+                           ccfg, self.resolved)
                 res = self._train(method, ccfg, f, seed, desc=f"{method} trial {slot + 1}/{n} fold {f + 1}")
                 v = res["val"][T.OBJECTIVE]
                 values.append(v)
                 trial.set_user_attr(f"fold{f}", res["val"])
                 trial.report(float(np.mean(values)), f)
                 if trial.should_prune():
+                    ExperimentLog(self.folder).trial(method, slot, n, params, float(np.mean(values)),
+                                                     time.perf_counter() - t0, state=f"pruned after fold {f + 1}")
                     raise optuna.TrialPruned()
+            ExperimentLog(self.folder).trial(method, slot, n, params, float(np.mean(values)), time.perf_counter() - t0)
             return float(np.mean(values))
 
         slots.run_slots(study, n, work, on_wait=lambda: log.info("%s: waiting for other workers' trials", method))
@@ -517,8 +527,10 @@ class Experiment:
             seed = base + 1000 * (slot + 1)
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("params", params)
-            embs, per_fold = [], []
+            embs, per_fold, t0 = [], [], time.perf_counter()
             for f in range(len(self.split.folds)):
+                record_run(self.folder, self.run_dir(method, ccfg, f, seed), method, "reproduction", slot, f, seed,
+                           params, ccfg, self.resolved)
                 self._train(method, ccfg, f, seed, desc=f"{method} reproduction {slot + 1}/{n} fold {f + 1}")
                 model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
                 e = T.embed(model, self.ctx, test, eval_bs)
@@ -532,6 +544,8 @@ class Experiment:
             trial.set_user_attr("separate", separate)
             trial.set_user_attr("concatenated", concatenated)
             trial.set_user_attr("folds", per_fold)
+            ExperimentLog(self.folder).reproduction(method, slot, n, seed, separate[T.OBJECTIVE],
+                                                    concatenated[T.OBJECTIVE], time.perf_counter() - t0)
             return concatenated[T.OBJECTIVE]
 
         slots.run_slots(study, n, work)
@@ -551,9 +565,15 @@ class Experiment:
         t0 = time.perf_counter()
         results: Dict[str, List[Dict[str, Any]]] = {}
         best_params: Dict[str, Dict[str, Any]] = {}
-        for method in self.methods:
-            best_params[method] = self.search(method)
-            results[method] = self.reproduce(method, best_params[method])
+        folds, reps = len(self.split.folds), int(self.cfg["general"]["reproductions"])
+        self.bar = experiment_bar(sum((self.n_trials(m) + reps) * folds for m in self.methods), enabled=self.progress)
+        try:
+            for method in self.methods:
+                best_params[method] = self.search(method)
+                results[method] = self.reproduce(method, best_params[method])
+        finally:
+            self.bar.close()
+            self.bar = None
         md = self.write_report(results, best_params)
         print(f"wall time of this invocation: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         return md

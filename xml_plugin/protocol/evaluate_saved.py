@@ -1,0 +1,183 @@
+"""``run.py --evaluate EXPERIMENT [--split test|val] [--export]``: the saved models of a finished experiment's
+reproductions tested again without training (per fold, their mean and the concatenated embedding), and on request
+their embeddings written with labels and image paths (docs/export.md)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import optuna
+import torch
+
+from .. import config as C
+from ..engine import train as T
+from ..engine.evaluate import split_metrics
+from ..engine.io import read_json
+from . import slots
+from .experiment import Experiment
+from .run_index import read_index, read_run
+
+SPLITS = ("test", "val")
+EXPORT = "export"
+
+
+class SavedExperiment(Experiment):
+    """An experiment folder opened to read: the set-up (data, splits, trunk, feature cache) without claiming or
+    rewriting the folder."""
+
+    def _claim_folder(self, dataset, split) -> None:
+        path = self.folder / "splits.json"
+        if not path.is_file() or read_json(path) != split.to_dict():
+            raise C.ConfigError(f"{self.folder}: its splits.json differs from the splits its config.yaml makes now (the "
+                                f"data set changed?); the saved models cannot be tested on the same images")
+
+
+def open_experiment(folder: Path, progress: bool = True) -> SavedExperiment:
+    """The finished experiment in ``folder`` (``experiments/<name>``), set up on its own ``config.yaml``."""
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        raise C.ConfigError(f"--evaluate {folder}: not an experiment folder (no config.yaml there); give the folder "
+                            f"of a run experiment, e.g. experiments/<name>")
+    cfg = C.load_yaml(folder / "config.yaml")
+    cfg["general"]["experiment_folder"] = str(folder.resolve().parent)
+    exp = SavedExperiment(cfg, folder.resolve().name, progress=progress)
+    exp.setup()
+    return exp
+
+
+def _run_folder(exp: Experiment, index: List[Dict[str, str]], method: str, slot: int, fold: int, seed: int,
+                params: Dict[str, Any]) -> Path:
+    """The run folder of reproduction ``slot``'s fold (from runs/index.csv; else from the config as it resolves now)."""
+    for r in index:
+        if (r["method"], r["kind"], int(r["number"]), int(r["fold"]), int(r["seed"])) == (method, "reproduction", slot,
+                                                                                        fold, seed):
+            return exp.folder / r["folder"]
+    return exp.run_dir(method, C.resolve(exp.method_config(method), params), fold, seed)
+
+
+def _model(exp: Experiment, run_dir: Path, method: str, params: Dict[str, Any]):
+    if not (run_dir / "best.pt").is_file():
+        raise C.ConfigError(f"{run_dir} holds no saved model (best.pt): the reproduction did not finish; rerun the "
+                            f"experiment to finish it, then --evaluate")
+    if (run_dir / "run.json").is_file():
+        info = read_run(run_dir)
+        if info.get("resolved") != exp.resolved:
+            raise C.ConfigError(f"{run_dir} was trained with {info.get('resolved')} but here resolves to "
+                                f"{exp.resolved}; evaluate with the same --device as the experiment")
+        ccfg = info["config"]
+    else:
+        ccfg = C.resolve(exp.method_config(method), params)
+    return T.load_best(ccfg, exp.ctx, run_dir)
+
+
+def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
+                        progress: bool = True) -> Dict[str, List[Dict[str, Any]]]:
+    """Per method, per finished reproduction: ``{"reproduction", "seed", "folds": [metrics], "separate": metrics,
+    "concatenated": metrics or None (val), "stored": the test metrics recorded when it ran}``."""
+    if split not in SPLITS:
+        raise C.ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    exp = open_experiment(folder, progress)
+    ctx, index = exp.ctx, read_index(exp.folder)
+    ds = ctx.dataset
+    eval_bs = int(exp.cfg.get("eval", {}).get("batch_size", 128))
+    n_folds = len(exp.split.folds)
+    if split == "test":
+        test = np.asarray(exp.split.test)
+        parts = [test] * n_folds
+        qg = tuple(getattr(ds, a, None) for a in ("is_query", "is_gallery"))
+        is_q, is_g = (qg[0][test], qg[1][test]) if qg[0] is not None and qg[1] is not None else (None, None)
+    else:
+        parts = [np.asarray(va) for _, va in exp.split.folds]  # fold f's model on fold f's validation classes
+        is_q = is_g = None
+    out_dir = exp.folder / EXPORT / split
+    if export:
+        write_items(out_dir, ds, parts if split == "val" else parts[:1], is_q, is_g)
+    results: Dict[str, List[Dict[str, Any]]] = {}
+    for method in exp.methods:
+        try:
+            study = optuna.load_study(study_name=f"{exp.name}.{method}.reproductions", storage=exp.storage)
+        except KeyError:
+            raise C.ConfigError(f"{exp.folder}: method {method!r} has no reproductions yet; finish the experiment "
+                                f"(rerun its command), then --evaluate") from None
+        done = [t for t in slots.finished_trials(study) if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            raise C.ConfigError(f"{exp.folder}: method {method!r} has no finished reproduction; finish the "
+                                f"experiment (rerun its command), then --evaluate")
+        results[method] = []
+        for t in done:
+            slot, seed, params = t.user_attrs[slots.SLOT], t.user_attrs["seed"], t.user_attrs.get("params") or {}
+            embs, per_fold = [], []
+            for f in range(n_folds):
+                model = _model(exp, _run_folder(exp, index, method, slot, f, seed, params), method, params)
+                e = T.embed(model, ctx, parts[f], eval_bs)  # [N, d]
+                labels = torch.as_tensor(ctx.labels[parts[f]])
+                per_fold.append(split_metrics(e, labels, is_q, is_g, recall_ks=exp.recall_ks))
+                embs.append(e)
+                if export:
+                    name = f"rep{slot}_fold{f}.npy"
+                    (out_dir / method).mkdir(parents=True, exist_ok=True)
+                    np.save(out_dir / method / name, e.numpy().astype(np.float32))
+            separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}
+            concatenated = None
+            if split == "test":
+                cat = torch.cat([torch.nn.functional.normalize(e, dim=1) for e in embs], dim=1)  # [N, folds * d]
+                concatenated = split_metrics(cat, torch.as_tensor(ctx.labels[parts[0]]), is_q, is_g,
+                                             recall_ks=exp.recall_ks)
+                if export:
+                    np.save(out_dir / method / f"rep{slot}_concatenated.npy", cat.numpy().astype(np.float32))
+            results[method].append({"reproduction": slot, "seed": seed, "folds": per_fold, "separate": separate,
+                                    "concatenated": concatenated,
+                                    "stored": {k: t.user_attrs.get(k) for k in ("folds", "separate", "concatenated")}})
+    write_metrics(exp.folder / f"evaluate_{split}.csv", results)
+    if export:
+        write_metrics(out_dir / "metrics.csv", results)
+    return results
+
+
+def write_items(out_dir: Path, dataset, parts: List[np.ndarray], is_q: Optional[np.ndarray],
+                is_g: Optional[np.ndarray]) -> None:
+    """``items.csv`` (test) or ``items_fold<f>.csv`` (val): row i describes row i of the matching embedding files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f, idx in enumerate(parts):
+        name = "items.csv" if len(parts) == 1 else f"items_fold{f}.csv"
+        with open(out_dir / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["index", "label", "class_name", "path"] + (["is_query", "is_gallery"] if is_q is not None else []))
+            for row, i in enumerate(idx):
+                label = int(dataset.labels[i])
+                extra = [bool(is_q[row]), bool(is_g[row])] if is_q is not None else []
+                w.writerow([int(i), label, dataset.class_names[label], str(dataset.paths[i])] + extra)
+
+
+def write_metrics(path: Path, results: Dict[str, List[Dict[str, Any]]]) -> None:
+    """One row per method, reproduction, embedding (``fold<f>`` / ``separate`` / ``concatenated``) and metric."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "reproduction", "seed", "embedding", "metric", "value"])
+        for method, reps in results.items():
+            for r in reps:
+                blocks = [(f"fold{f}", m) for f, m in enumerate(r["folds"])] + [("separate", r["separate"])]
+                blocks += [("concatenated", r["concatenated"])] if r["concatenated"] is not None else []
+                for emb, metrics in blocks:
+                    for k, v in metrics.items():
+                        w.writerow([method, r["reproduction"], r["seed"], emb, k, repr(float(v))])
+
+
+def summary(results: Dict[str, List[Dict[str, Any]]], split: str) -> str:
+    """A markdown table: one row per method, reproduction and embedding; one column per metric."""
+    metrics = list(dict.fromkeys(k for reps in results.values() for r in reps for k in r["separate"]))
+    lines = [f"| method | reproduction | seed | {split} embedding | " + " | ".join(metrics) + " |",
+             "|---|---:|---:|---|" + "---:|" * len(metrics)]
+    for method, reps in results.items():
+        for r in reps:
+            for emb in ("separate", "concatenated"):
+                if r[emb] is not None:
+                    lines.append(f"| {method} | {r['reproduction']} | {r['seed']} | {emb} | "
+                                 + " | ".join(f"{100 * r[emb].get(m, float('nan')):.2f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate_experiment", "open_experiment", "SavedExperiment", "summary", "write_metrics", "write_items"]
