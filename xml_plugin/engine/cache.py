@@ -2,25 +2,104 @@
 
 Built once per (data set, trunk weights, frozen blocks, transforms, views) key into ``<cache>/features/<key>/``
 and reused across runs, folds and trials. ``eval.npy`` [N, C, h, w] holds the test-transform view,
-``train.npy`` [N, V, C, h, w] the augmented views, both float16. The build writes into a temporary folder
-that is renamed when complete, so a killed build is started again, never half-used.
+``train.npy`` [N, V, C, h, w] the augmented views, both float16. A pooled cache keeps one vector per view, the
+spatial mean of the frozen part's output (``eval.npy`` [N, C], ``train.npy`` [N, V, C], h*w times smaller): enough for
+methods whose trained part is a linear embedder and GAP, since GAP commutes with a linear map. The build writes into a
+temporary folder that is renamed when complete, so a killed build is started again, never half-used.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import registry
+from ..config import ConfigError, is_search_marker
 from .io import atomic_write_json, read_json, stable_hash
 
 CACHE_VERSION = 1
+POOLED_POOLINGS = ("gap",)  # poolings that commute with a linear embedder
+LINEAR_EMBEDDERS = ("conv1x1", "none")
+
+
+def cache_bytes(n: int, views: int, feature_shape: Sequence[int], pooled: bool) -> int:
+    """Bytes on disk of a float16 cache of ``n`` images, each ``1 + views`` maps of ``feature_shape`` [C, h, w]."""
+    per_view = int(feature_shape[0]) if pooled else int(np.prod(feature_shape))
+    return 2 * int(n) * (1 + int(views)) * per_view
+
+
+def _canonical(kind: str, spec: Any) -> Optional[str]:
+    if not spec or is_search_marker(spec):
+        return None
+    name = registry.split_spec(spec)[0]
+    try:
+        return registry.canonical_name(kind, name) if isinstance(name, str) else None
+    except registry.UnknownComponentError:
+        return None
+
+
+def can_use_pooled(method_cfg: Dict[str, Any]) -> bool:
+    """Does this method's trained head see the frozen map only through "linear embedder, then GAP"?"""
+    return (_canonical("pooling", method_cfg.get("pooling")) in POOLED_POOLINGS
+            and _canonical("embedder", method_cfg.get("embedder")) in LINEAR_EMBEDDERS)
+
+
+def cache_plan(method_cfgs: Iterable[Dict[str, Any]], frozen_blocks: int, num_blocks: int, n_images: int, views: int,
+               feature_shape: Sequence[int], pooled: Any = "auto", free_bytes: Optional[int] = None,
+               ram_bytes: Optional[int] = None, ram_fraction: float = 0.25) -> Dict[str, Any]:
+    """Pooled or full cache, its size, and whether it is loaded in RAM (else memory-mapped; several workers then share
+    the page cache). ``free_bytes`` (None: not checked) below the size is a ConfigError saying how to fix it."""
+    method_cfgs = list(method_cfgs)
+    poolable = frozen_blocks == num_blocks and all(can_use_pooled(m) for m in method_cfgs)
+    if pooled in ("auto", None):
+        use_pooled = poolable
+    elif pooled is True:
+        if not poolable:
+            raise ConfigError("cache.pooled is true, but a pooled cache only serves methods that train nothing but a "
+                              "linear embedder and GAP with the whole trunk frozen; set cache.pooled to auto or false")
+        use_pooled = True
+    elif pooled is False:
+        use_pooled = False
+    else:
+        raise ConfigError(f"cache.pooled must be auto, true or false, got {pooled!r}")
+    if not 0 < float(ram_fraction) <= 1:
+        raise ConfigError(f"cache.ram_fraction must be in (0, 1], got {ram_fraction!r}")
+    size = cache_bytes(n_images, views, feature_shape, use_pooled)
+    if free_bytes is not None and size > free_bytes:
+        hints = "a folder on a larger disk (cache.folder), fewer views (cache.views)"
+        hints += ", fewer frozen trunk blocks (trunk.frozen_blocks)" if use_pooled else \
+            ", a pooled cache (cache.pooled: true, GAP methods only) or fewer frozen trunk blocks (trunk.frozen_blocks)"
+        raise ConfigError(f"the feature cache needs {_gb(size)} ({size} bytes) but only {_gb(free_bytes)} "
+                          f"({free_bytes} bytes) are free; use {hints}")
+    in_ram = ram_bytes is None or size <= float(ram_fraction) * ram_bytes
+    return {"pooled": use_pooled, "bytes": size, "in_ram": in_ram}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def machine_ram_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class _Views(torch.utils.data.Dataset):
@@ -53,14 +132,39 @@ class FeatureCache:
         self._eval: Optional[np.ndarray] = None
         self._train: Optional[np.ndarray] = None
 
+    @classmethod
+    def planned(cls, folder: Path, key_info: Dict[str, Any], dataset, frozen: nn.Module, train_tf, eval_tf, views: int,
+                device: torch.device, method_cfgs: Iterable[Dict[str, Any]], num_blocks: int,
+                cache_cfg: Dict[str, Any], progress: bool = True) -> "FeatureCache":
+        """The cache that :func:`cache_plan` picks (pooled or full, in RAM or memory-mapped), built if missing after
+        its size was printed and checked against the free disk space."""
+        with torch.no_grad():  # one eval view through the frozen part: the shape of every cached map
+            shape = tuple(frozen.to(device).eval()(eval_tf(dataset.image(0))[None].to(device)).shape[1:])
+        plan = cache_plan(method_cfgs, key_info["frozen_blocks"], num_blocks, len(dataset), views, shape,
+                          cache_cfg.get("pooled", "auto"), ram_bytes=machine_ram_bytes(),
+                          ram_fraction=float(cache_cfg.get("ram_fraction", 0.25)))
+        cache = cls(folder, {**key_info, "pooled": True} if plan["pooled"] else key_info)
+        if not cache.complete:
+            cache_plan(method_cfgs, key_info["frozen_blocks"], num_blocks, len(dataset), views, shape,
+                       plan["pooled"], free_bytes=free_disk_bytes(folder), ram_fraction=float(cache_cfg.get(
+                           "ram_fraction", 0.25)))
+        return cache.build(dataset, frozen, train_tf, eval_tf, views, device, int(cache_cfg.get("batch_size", 32)),
+                           seed=int(cache_cfg.get("seed", 0)), progress=progress, pooled=plan["pooled"],
+                           in_ram=plan["in_ram"], size_bytes=plan["bytes"])
+
     @property
     def complete(self) -> bool:
         return (self.folder / "meta.json").is_file()
 
     def build(self, dataset, frozen: nn.Module, train_tf, eval_tf, views: int, device: torch.device,
-              batch_size: int = 32, num_workers: int = 0, seed: int = 0, progress: bool = True) -> "FeatureCache":
+              batch_size: int = 32, num_workers: int = 0, seed: int = 0, progress: bool = True,
+              pooled: bool = False, in_ram: Optional[bool] = None, size_bytes: Optional[int] = None) -> "FeatureCache":
+        """Compute (unless already complete) and load; ``pooled``: keep the spatial mean of each map only."""
         if self.complete:
-            return self.load()
+            return self.load(in_ram)
+        if size_bytes is not None:
+            print(f"xml_plugin: building the {'pooled ' if pooled else ''}feature cache of {len(dataset)} images x "
+                  f"{1 + views} views: {_gb(size_bytes)} in {self.folder}", file=sys.stderr)
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self._remove_dead_builds()
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.{os.getpid()}.", dir=self.folder.parent))
@@ -76,6 +180,8 @@ class FeatureCache:
                 for batch in loader:  # [b, 1+V, 3, H, W]
                     b = batch.shape[0]
                     feats = frozen(batch.flatten(0, 1).to(device)).float().cpu()  # [b*(1+V), C, h, w]
+                    if pooled:
+                        feats = feats.mean(dim=(2, 3))  # [b*(1+V), C]
                     feats = feats.view(b, views + 1, *feats.shape[1:]).numpy().astype(np.float16)
                     if eval_mm is None:
                         shape = feats.shape[2:]
@@ -91,7 +197,7 @@ class FeatureCache:
             eval_mm.flush()
             train_mm.flush()
             del eval_mm, train_mm
-            atomic_write_json(tmp / "meta.json", {"key_info": self.key_info, "n": n, "views": views})
+            atomic_write_json(tmp / "meta.json", {"key_info": self.key_info, "n": n, "views": views, "pooled": pooled})
             try:
                 os.replace(tmp, self.folder)
             except OSError:  # another worker finished the same cache first: use theirs
@@ -100,7 +206,7 @@ class FeatureCache:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return self.load()
+        return self.load(in_ram)
 
     def _remove_dead_builds(self) -> None:
         """Delete temporary folders of builds whose process is gone (killed with -9: no clean-up ran)."""
@@ -113,13 +219,18 @@ class FeatureCache:
             except (ValueError, IndexError, PermissionError):
                 continue
 
-    def load(self) -> "FeatureCache":
+    def load(self, in_ram: Optional[bool] = None) -> "FeatureCache":
+        """Open the arrays: read into RAM (``in_ram``; None: when under a quarter of the machine's RAM), else
+        memory-mapped."""
         self._eval = np.load(self.folder / "eval.npy", mmap_mode="r")
         self._train = np.load(self.folder / "train.npy", mmap_mode="r")
         meta = read_json(self.folder / "meta.json")
         self.views = int(meta["views"])
-        # small enough: keep in memory for fast random access during training
-        if self._train.nbytes + self._eval.nbytes < int(os.environ.get("XML_PLUGIN_CACHE_RAM_BYTES", 8 << 30)):
+        self.pooled = bool(meta.get("pooled", False))
+        if in_ram is None:
+            ram = machine_ram_bytes()
+            in_ram = ram is None or self._train.nbytes + self._eval.nbytes <= ram / 4
+        if in_ram:  # fast random access during training
             self._eval, self._train = np.ascontiguousarray(self._eval), np.ascontiguousarray(self._train)
         return self
 

@@ -9,13 +9,14 @@ from torch import nn
 
 from .. import registry
 from ..config import ConfigError
-from ..models.pooling import PoolingOutput
+from ..models.pooling import GlobalAveragePooling, PoolingOutput
 
 
 class EmbeddingModel(nn.Module):
     """``frozen`` (never trained, may be replaced by the feature cache) -> ``tail`` -> ``embedder`` -> ``pooling``.
 
-    ``forward(x, from_cache=False)``: ``x`` is an image batch, or with ``from_cache`` the frozen part's output.
+    ``forward(x, from_cache=False)``: ``x`` is an image batch, or with ``from_cache`` the frozen part's output
+    ([B, C, h, w], or [B, C] from a pooled cache: its spatial mean, seen as a 1x1 map).
     Only the trainable part (tail, embedder, pooling) goes into checkpoints: see :meth:`trainable_state_dict`.
     """
 
@@ -34,6 +35,10 @@ class EmbeddingModel(nn.Module):
         if not from_cache:
             with torch.no_grad():
                 x = self.frozen(x)
+        if x.dim() == 2:  # pooled cache [B, C]: only a linear embedder and GAP may follow (GAP of a 1x1 map = identity)
+            if len(self.tail) or not isinstance(self.pooling, GlobalAveragePooling):
+                raise RuntimeError("pooled features reached a model that is not 'linear embedder, then GAP'")
+            x = x[:, :, None, None]  # [B, C, 1, 1]
         x = self.tail(x)
         linear = getattr(self.embedder, "linear", None)
         if linear is not None:  # a linear embedder: the pooling may skip projecting every location (GAP, hard XML)

@@ -356,9 +356,9 @@ class Experiment:
             views = int(cache_cfg.get("views", 5))
             info = {"dataset": dataset.fingerprint(), "trunk": trunk.name, "weights": trunk.weights_id, "frozen_blocks": k,
                     "image_size": size, "train_transform": train_opts, "eval_transform": eval_opts, "views": views, "seed": int(cache_cfg.get("seed", 0))}
-            cache = FeatureCache(folder, info).build(dataset, torch.nn.Sequential(*list(trunk.blocks)[:k]), train_tf, eval_tf,
-                                                     views, device, batch_size=int(cache_cfg.get("batch_size", 32)),
-                                                     seed=int(cache_cfg.get("seed", 0)), progress=self.progress)
+            cache = FeatureCache.planned(folder, info, dataset, torch.nn.Sequential(*list(trunk.blocks)[:k]), train_tf,
+                                         eval_tf, views, device, [self.method_config(m) for m in self.methods],
+                                         trunk.num_blocks, cache_cfg, progress=self.progress)
         source = T.FeatureSource(dataset, cache, train_tf, eval_tf, int(cfg["trainer"].get("num_workers", 0)))
         self.ctx = T.RunContext(dataset, labels, source, trunk, k, device, self.progress)
         return self.ctx
