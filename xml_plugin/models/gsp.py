@@ -182,6 +182,9 @@ class GeneralizedSumPooling(Pooling):
     """
 
     gives_histogram = True
+    # several processes (engine/distributed.py): all-gathers a detached [b, ...] batch tensor across them, so that the
+    # k-center pool collects the global batch's features, identically on every rank; None: one process
+    gather_fn = None
 
     def __init__(self, dim: int, num_prototypes: int = 64, transport_ratio: float = 0.3, entropy: float = 5.0,
                  iterations: int = 100, backward: str = "analytic", init: str = "kcenter", init_features: int = 1024):
@@ -241,7 +244,7 @@ class GeneralizedSumPooling(Pooling):
             features = feature_map.to(dtype).flatten(2).transpose(1, 2)  # [B, n, d]
             if not bool(self.initialized):
                 if self.training:
-                    self._collect(features.detach())
+                    self._collect(features.detach() if self.gather_fn is None else self.gather_fn(features.detach()))
                 if not bool(self.initialized):
                     return PoolingOutput(features.mean(dim=1), None)
             pi, rho = self.transport(features)  # [B, m, n], [B, n]

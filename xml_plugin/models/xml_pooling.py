@@ -126,6 +126,9 @@ class PrototypePooling(Pooling):
     """
 
     gives_histogram = True
+    # several processes (engine/distributed.py): all-gathers a detached [b, ...] batch tensor across them, so that the
+    # seeding and the recursion see the global batch on every rank; None: this process's batch is the whole batch
+    gather_fn = None
 
     def __init__(self, dim: int, num_prototypes: int = 64, assignment: str = "hard", temperature: float = 0.1,
                  forgetting: float = 0.99, ridge: float = 1e-3, init: str = "kmeans++", prior: float = 1.0):
@@ -192,13 +195,17 @@ class PrototypePooling(Pooling):
         with torch.autocast(device_type=feature_map.device.type, enabled=False):
             local = feature_map.float().flatten(2).transpose(1, 2)  # [B, n, d]
             if not bool(self.initialized):
-                self.initialize(local.reshape(-1, d))
+                self.initialize(self._global(local).reshape(-1, d))
             # a copy: the update below overwrites the buffer that a soft histogram's graph holds on to
             prototypes = self.prototypes.clone() if self.training else self.prototypes
             histogram = prototype_histogram(local, prototypes, self.assignment, self.temperature)  # [B, m]
             if self.training:
-                self.update(histogram, embedding.float())
+                self.update(self._global(histogram), self._global(embedding.float()))
         return PoolingOutput(embedding, histogram)
+
+    def _global(self, batch: torch.Tensor) -> torch.Tensor:
+        """The global batch's rows of ``batch`` (detached) when several processes share it, else ``batch``."""
+        return batch if self.gather_fn is None else self.gather_fn(batch.detach())
 
     def pool_linear(self, trunk_map, weight, bias=None):
         """Hard assignment only: ``z = weight mean(x) + bias`` (GAP commutes with the projection) and the nearest
@@ -215,7 +222,7 @@ class PrototypePooling(Pooling):
             w32 = weight.detach().float()
             b32 = None if bias is None else bias.detach().float()
             if not bool(self.initialized):
-                self.initialize(torch.nn.functional.linear(x.transpose(1, 2).reshape(-1, c), w32, b32))
+                self.initialize(torch.nn.functional.linear(self._global(x).transpose(1, 2).reshape(-1, c), w32, b32))
             protos = self.prototypes.float()  # [m, d]
             offset = (protos * protos).sum(1)  # [m]
             if b32 is not None:
@@ -226,7 +233,7 @@ class PrototypePooling(Pooling):
             counts.scatter_add_(1, nearest, torch.ones_like(nearest, dtype=counts.dtype))
             histogram = counts / (hgt * wid)  # [B, m]
             if self.training:
-                self.update(histogram, embedding.float())
+                self.update(self._global(histogram), self._global(embedding.float()))
         return PoolingOutput(embedding, histogram)
 
 
