@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import torch
 
 import xml_plugin
 from xml_plugin import config as C
@@ -140,6 +139,8 @@ def test_evaluate_export_reproduces_the_report_and_writes_labelled_embeddings(tm
 def test_evaluate_input_errors(tmp_path, capsys):
     code, _, err = run_main(capsys, ["--evaluate", str(tmp_path / "nothing")])
     assert code == 2 and "not an experiment folder" in err and err.count("\n") == 1
+    code, _, err = run_main(capsys, ["--experiment_name", "x", "--export"])
+    assert code == 2 and "--export and --split go with --evaluate" in err
 
 
 def _write_csv_dataset(tmp_path, split=True, query_gallery=True):

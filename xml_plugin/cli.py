@@ -135,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Exit codes: 0 done, 2 bad input (one message on stderr, no traceback), 130 interrupted; a bug in our code or
     in a user's component raises (Python prints the traceback and exits with 1)."""
     parser, args, selection, overrides = parse(argv)
+    if (args.export or args.split != "test") and not args.evaluate:
+        parser.error("--export and --split go with --evaluate EXPERIMENT_FOLDER")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
         import optuna
