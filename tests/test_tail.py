@@ -3,6 +3,7 @@ rate (optimizer.options.trunk_lr)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from xml_plugin import config as C
@@ -45,3 +46,67 @@ def test_tail_preset_trains_mobilenets_last_320_block_and_conv():
     k = cfg["trunk"]["frozen_blocks"]
     assert k == -2 and MOBILENET_V2_SPLIT[k] == (17, 18) and MOBILENET_V2_SPLIT[-1] == (18, 19)
     assert cfg["optimizer"]["options"]["trunk_lr"] < cfg["optimizer"]["options"]["lr"]
+
+
+def _tiny_bn_cnn(pretrained: bool = False, weights_path=None):
+    """tiny_cnn with a BatchNorm in its last block, to see whether the tail's running statistics move."""
+    from torch import nn
+    from xml_plugin.models.trunks import Trunk
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())]
+    return Trunk(blocks, 16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "tiny_bn_cnn", "random-init-seed0", output_stride=4)
+
+
+def _one_step(tiny_cfg, tmp_path, name, **extra):
+    """The tail and head weights before and after a fold of ONE training iteration (tail = the last block)."""
+    cfg = tiny_cfg(**{"trunk": {"name": "tiny_cnn", "pretrained": False, "frozen_blocks": -1},
+                      "trainer.max_epochs": 1, "trainer.iterations_per_epoch": 1,
+                      "general.methods": ["baseline"], "search.mode": "none", **extra})
+    exp = Experiment(cfg, name, progress=False)
+    ctx = exp.setup()
+    ccfg = C.resolve(exp.method_config("baseline"))
+    tr, va = exp.split.folds[0]
+    T.train_fold(ccfg, ctx, np.asarray(tr), np.asarray(va), tmp_path / f"run_{name}", seed=0)
+    after = torch.load(tmp_path / f"run_{name}" / "best.pt", weights_only=False)["model"]
+    T.seed_everything(0)  # train_fold seeds, then builds the head: the same initial weights
+    return T.build_head(ccfg, ctx.trunk, ctx.frozen_blocks).trainable_state_dict(), after
+
+
+def test_trunk_lr_is_the_step_size_of_the_tail_and_lr_that_of_the_head(tiny_cfg, tmp_path):
+    # Adam's first step moves every parameter with a nonzero gradient by lr * g / (|g| + eps) ~ lr: the largest moves
+    # of the tail and the head are their two learning rates
+    before, after = _one_step(tiny_cfg, tmp_path, "lrs", **{"optimizer": {"name": "Adam", "options": {
+        "lr": 1e-3, "weight_decay": 0.0, "trunk_lr": 1e-5}}})
+    move = {k: (after[k] - before[k]).abs().max().item() for k in before if before[k].is_floating_point()}
+    tail = max(v for k, v in move.items() if k.startswith("tail."))
+    head = move["embedder.proj.weight"]
+    assert abs(tail - 1e-5) < 1e-6 and abs(head - 1e-3) < 1e-4
+
+
+def test_without_trunk_lr_the_tail_uses_the_optimizers_lr(tiny_cfg, tmp_path):
+    before, after = _one_step(tiny_cfg, tmp_path, "same", **{"optimizer": {"name": "Adam", "options": {
+        "lr": 1e-3, "weight_decay": 0.0}}})
+    tail = max((after[k] - before[k]).abs().max().item() for k in before if k.startswith("tail."))
+    assert abs(tail - 1e-3) < 1e-4
+
+
+def test_frozen_batchnorm_keeps_the_tails_running_statistics(tiny_cfg, tmp_path):
+    import xml_plugin
+    xml_plugin.register("trunk", _tiny_bn_cnn, name="tiny_bn_cnn")
+    try:
+        stats = {}
+        for freeze in (True, False):
+            before, after = _one_step(tiny_cfg, tmp_path, f"bn_{freeze}", **{
+                "trunk": {"name": "tiny_bn_cnn", "pretrained": False, "frozen_blocks": -1},
+                "trainer.freeze_bn": freeze, "optimizer.options.trunk_lr": 1e-4})
+            key = next(k for k in before if k.startswith("tail.") and k.endswith("running_mean"))
+            stats[freeze] = torch.equal(before[key], after[key])
+        assert stats == {True: True, False: False}  # frozen: unchanged; not frozen: the batch moved them
+    finally:
+        xml_plugin.unregister("trunk", "tiny_bn_cnn")
+
+
+def test_a_bad_trunk_lr_is_an_input_error(tiny_cfg, tmp_path):
+    with pytest.raises(C.ConfigError, match="optimizer.options.trunk_lr must be a number >= 0"):
+        _one_step(tiny_cfg, tmp_path, "bad", **{"optimizer.options.trunk_lr": "fast"})

@@ -80,3 +80,90 @@ def test_a_chosen_general_preset_wins_over_the_data_set_preset():
     overrides = [("dataset.name", "kanji")]
     cfg = C.load(sel, overrides, presets=C.presets_for(sel, overrides))
     assert cfg["cache"]["views"] == 2 and cfg["dataset"]["options_for"]["kanji"]["num_classes"] == 200
+
+
+def _corners(w=60, h=120, c=10):
+    """A grey portrait image with a red, green, blue and black c x c patch in its four corners (TL, TR, BL, BR)."""
+    a = np.full((h, w, 3), 128, dtype=np.uint8)
+    a[:c, :c], a[:c, -c:], a[-c:, :c], a[-c:, -c:] = RED, GREEN, BLUE, BLACK
+    return Image.fromarray(a)
+
+
+def _is(pixel, colour, tol=40):
+    return bool((np.abs(np.asarray(pixel) - np.asarray(colour)) <= tol).all())
+
+
+def test_resize_keeps_all_four_corners():
+    out = _pixels(_tf("resize")(_corners()))
+    # 48 / 60 = 0.8 across, 48 / 120 = 0.4 down: a 10 px patch becomes 8 x 4 px; its centre is at (2, 4) from the corner
+    assert _is(out[2, 4], RED) and _is(out[2, -5], GREEN) and _is(out[-3, 4], BLUE) and _is(out[-3, -5], BLACK)
+
+
+def test_center_crop_of_a_portrait_image_loses_all_four_corners():
+    out = _pixels(_tf("center_crop")(_corners()))
+    # 60 x 120 -> 55 x 110, crop 48 x 48 from rows 31..78: the patches (rows 0..9 and 101..109) are gone
+    assert (np.abs(out - 128) <= 3).all()
+
+
+def test_pad_keeps_all_four_corners_and_the_aspect_ratio():
+    out = _pixels(_tf("pad")(_corners()))
+    # 60 x 120 -> white 120 x 120 with the image in columns 30..89 -> 48 x 48: content in columns 12..35, every row
+    grey = np.abs(out - 128).max(axis=2) <= 3
+    rows, cols = np.nonzero(grey)
+    assert cols.min() in (12, 13) and cols.max() in (34, 35)  # 24 columns wide (antialiased edges may eat one)
+    assert rows.min() <= 4 and rows.max() >= 43  # 48 rows high: the height fills the square
+    assert (out[:, :11] == 255).all() and (out[:, 37:] == 255).all()  # the padding is white
+    # the 10 px patches are 4 x 4 px: centres 2 px inside the content box's corners
+    assert _is(out[2, 14], RED) and _is(out[2, 33], GREEN) and _is(out[45, 14], BLUE) and _is(out[45, 33], BLACK)
+
+
+def test_short_side_sets_the_size_before_the_center_crop():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
+    out = eval_transform(200, mean=(0, 0, 0), std=(1, 1, 1), mode="center_crop", short_side=256)(Image.fromarray(img))
+    # resize to 256 is the identity here; the center crop of 200 starts at (256 - 200) / 2 = 28
+    assert np.array_equal(_pixels(out), img[28:228, 28:228])
+    default = eval_transform(200, mean=(0, 0, 0), std=(1, 1, 1))(Image.fromarray(img))  # 229 by default: another view
+    assert not np.array_equal(_pixels(default), img[28:228, 28:228])
+    with pytest.raises(ValueError, match="short_side"):
+        eval_transform(200, short_side=150)
+
+
+def test_the_default_run_gets_the_card_preset_and_a_real_data_set_the_protocol():
+    cfg = C.load({}, [], presets=C.presets_for({}, []))  # no --dataset, no --config_dataset: cards, the default
+    assert cfg["dataset"]["name"] == "cards" and ("config_dataset", "cards") in C.presets_for({}, [])
+    assert cfg["transforms"]["eval"]["mode"] == "resize" and cfg["transforms"]["train"]["flip"] is False
+    sel = {"config_dataset": ["cub200"]}
+    cub = C.load(sel, [], presets=C.presets_for(sel, []))
+    assert cub["transforms"]["eval"]["mode"] == "center_crop" and cub["transforms"]["train"] == {"scale": [0.16, 1.0],
+                                                                                                  "flip": True}
+
+
+def test_the_eval_transform_is_part_of_the_cache_key(tiny_cfg):
+    from xml_plugin.protocol.experiment import Experiment
+
+    def cache_of(name, **extra):
+        exp = Experiment(tiny_cfg(**extra), name, progress=False)
+        return exp.setup().source.cache
+
+    crop = cache_of("crop", **{"transforms.eval.mode": "center_crop"})
+    whole = cache_of("whole", **{"transforms.eval.mode": "resize"})
+    assert crop.folder != whole.folder
+    assert not np.allclose(crop.eval_features(np.arange(4)).numpy(), whole.eval_features(np.arange(4)).numpy())
+    # an option left unset (null) keeps the key of a config without it
+    assert cache_of("crop_null", **{"transforms.eval.mode": "center_crop",
+                                    "transforms.eval.short_side": None}).folder == crop.folder
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("transforms.eval.mode", "squash", "transforms.eval.mode must be one of center_crop, resize, pad"),
+    ("transforms.eval.fill", [255, 255], "transforms.eval.fill must be 3 ints"),
+    ("transforms.train.scale", [0.9, 0.1], "transforms.train.scale must be"),
+    ("transforms.train.flip", "no", "transforms.train.flip must be true or false"),
+])
+def test_bad_transform_options_are_input_errors_before_anything_is_written(tiny_cfg, tmp_path, key, value, words):
+    from xml_plugin.protocol.experiment import Experiment
+    exp = Experiment(tiny_cfg(**{key: value}), "bad", progress=False)
+    with pytest.raises(C.ConfigError, match=words):
+        exp.setup()
+    assert not (tmp_path / "experiments" / "bad").exists()

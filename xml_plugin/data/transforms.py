@@ -3,7 +3,7 @@ the whole image (resized, or padded to a square); all end in ToTensor and Normal
 uses which, and why)."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from PIL import Image
 from torchvision import transforms as T
@@ -14,7 +14,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _check_size(image_size: int) -> int:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        raise ValueError(f"transforms.image_size must be a positive int, got {image_size!r}")
     return image_size
 
 
@@ -32,9 +32,14 @@ def train_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN
     """Training views: RandomResizedCrop(image_size, scale), horizontal flip (unless ``flip=False``:
     a mirrored glyph or card is another glyph), ToTensor, Normalize(mean, std)."""
     _check_size(image_size)
-    lo, hi = scale
+    if not isinstance(flip, bool):
+        raise ValueError(f"transforms.train.flip must be true or false, got {flip!r}")
+    try:
+        lo, hi = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
     if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1] <= 1, got {scale!r}")
+        raise ValueError(f"transforms.train.scale must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
     steps = [T.RandomResizedCrop(image_size, scale=(float(lo), float(hi)))]
     if flip:
         steps.append(T.RandomHorizontalFlip())
@@ -66,17 +71,25 @@ class PadToSquare:
 
 def eval_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD, mode: str = "center_crop",
-                   fill: Sequence[int] = (255, 255, 255)) -> T.Compose:
+                   fill: Sequence[int] = (255, 255, 255), short_side: Optional[int] = None) -> T.Compose:
     """Evaluation views, then ToTensor and Normalize(mean, std). ``mode``:
 
-    * ``center_crop`` (the protocol's): resize the shorter side to round(image_size * 256 / 224), center crop
-      image_size (224 -> 256/224, 227 -> 259/227): the borders of the longer side are cut;
+    * ``center_crop`` (the protocol's): resize the shorter side to ``short_side`` (None: round(image_size * 256 / 224),
+      i.e. 256 for 224 px; the Reality Check's 227 px crops come from 256, set with ``short_side=256``), center crop
+      image_size: the borders of the longer side are cut;
     * ``resize``: the whole image resized to image_size x image_size (nothing cut; the aspect ratio changes);
     * ``pad``: padded to a square with ``fill`` (the aspect ratio kept), then resized: nothing cut.
     """
     _check_size(image_size)
+    if len(fill) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in fill):
+        raise ValueError(f"transforms.eval.fill must be 3 ints in 0..255 (RGB), got {fill!r}")
+    if short_side is None:
+        short_side = round(image_size * 256 / 224)
+    if not isinstance(short_side, int) or isinstance(short_side, bool) or short_side < image_size:
+        raise ValueError(f"transforms.eval.short_side must be an int >= image_size ({image_size}) or null, "
+                         f"got {short_side!r}")
     if mode == "center_crop":
-        steps = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+        steps = [T.Resize(short_side), T.CenterCrop(image_size)]
     elif mode == "resize":
         steps = [T.Resize((image_size, image_size))]
     elif mode == "pad":

@@ -216,6 +216,9 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     opt_name, opt_opts = registry.split_spec(cfg["optimizer"])
     loss_lr = opt_opts.pop("loss_lr", None)
     trunk_lr = opt_opts.pop("trunk_lr", None)  # the trained trunk blocks' own learning rate (the tail regime)
+    if trunk_lr is not None and (isinstance(trunk_lr, bool) or not isinstance(trunk_lr, (int, float)) or trunk_lr < 0):
+        raise ConfigError(f"optimizer.options.trunk_lr must be a number >= 0 (or null: the optimizer's lr), "
+                          f"got {trunk_lr!r}")
     tail = [p for p in model.tail.parameters() if p.requires_grad]
     tail_ids = {id(p) for p in tail} if trunk_lr is not None else set()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in tail_ids]}]

@@ -340,9 +340,13 @@ class Experiment:
         tf_cfg = cfg.get("transforms", {})
         size = int(tf_cfg.get("image_size", 224))
         train_opts = dict(tf_cfg.get("train") or {})
-        train_tf = train_transform(size, trunk.mean, trunk.std, **train_opts)
         eval_opts = dict(tf_cfg.get("eval") or {})
-        eval_tf = eval_transform(size, trunk.mean, trunk.std, **eval_opts)
+        try:
+            train_tf = train_transform(size, trunk.mean, trunk.std, **train_opts)
+            eval_tf = eval_transform(size, trunk.mean, trunk.std, **eval_opts)
+        except ValueError as exc:  # the messages name the transforms.* key at fault
+            raise C.ConfigError(f"{exc} (see docs/data.md, 'Transforms')") from None
+        eval_opts = {key: v for key, v in eval_opts.items() if v is not None}  # unset options: same cache key as before
         cache_cfg = cfg.get("cache", {})
         self.resolved = {"device_type": device.type, "frozen_blocks": k, "image_size": size,
                          "cache_views": int(cache_cfg.get("views", 5)) if k > 0 and cache_cfg.get("enabled", True) else 0}
