@@ -131,8 +131,8 @@ def set_gather_hooks(model: nn.Module, fn: Optional[Callable[[torch.Tensor], tor
 def wrap_model(model: nn.Module) -> nn.Module:
     """``DistributedDataParallel`` around ``model`` with the pooling's gather hooks set (identity with one process).
 
-    Buffers are not re-broadcast before each forward: every buffer is updated from the global batch identically on
-    every rank (the equivalence test checks it). A pooling with parameters may leave them unused (GSP before its
+    Buffers are broadcast from rank 0 once, not before each forward: every buffer is updated from the global batch
+    identically on every rank (the equivalence test checks it). A pooling with parameters may leave them unused (GSP before its
     k-center initialisation), so unused parameters are looked for then.
     """
     if world_size() == 1:
@@ -142,7 +142,7 @@ def wrap_model(model: nn.Module) -> nn.Module:
     unused = pooling is not None and any(p.requires_grad for p in pooling.parameters())
     device = next(model.parameters()).device
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
                                                find_unused_parameters=unused)
 
 

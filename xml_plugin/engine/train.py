@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..config import ConfigError
+from . import distributed as D
 from .evaluate import split_metrics
 from .io import atomic_torch_save, atomic_write_json, read_json
 from .model import EmbeddingModel, build_head
@@ -57,13 +58,17 @@ class FeatureSource:
     def _images(self, indices: Sequence[int], tf) -> torch.Tensor:
         return torch.stack([tf(self.dataset.image(int(i))) for i in indices])
 
-    def train_batches(self, batches: List[np.ndarray], rng: np.random.Generator) -> Iterator[torch.Tensor]:
+    def train_batches(self, batches: List[np.ndarray], rng: np.random.Generator,
+                      part: Callable[[np.ndarray], np.ndarray] = lambda b: b) -> Iterator[torch.Tensor]:
+        """The inputs of ``part(b)`` for each global batch ``b`` (this process's share; cached views are drawn for
+        the whole global batch first, so that they do not depend on the number of processes)."""
         if self.from_cache:
             for b in batches:
-                yield self.cache.train_features(b, rng.integers(0, self.cache.views, size=len(b)))
+                views = rng.integers(0, self.cache.views, size=len(b))
+                yield self.cache.train_features(part(b), part(views))
         else:
-            loader = torch.utils.data.DataLoader(_TransformView(self.dataset, self.train_tf), batch_sampler=batches,
-                                                 num_workers=self.num_workers)
+            loader = torch.utils.data.DataLoader(_TransformView(self.dataset, self.train_tf),
+                                                 batch_sampler=[part(b) for b in batches], num_workers=self.num_workers)
             yield from loader
 
     def eval_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
@@ -200,9 +205,12 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     ``best.pt`` holds the best model's trainable weights.
     """
     run_dir = Path(run_dir)
-    if (run_dir / "result.json").is_file():
-        return read_json(run_dir / "result.json")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main, world = D.is_main(), D.world_size()  # several processes: rank 0 reads and writes run_dir, tells the others
+    done = D.broadcast_object(read_json(run_dir / "result.json") if main and (run_dir / "result.json").is_file() else None)
+    if done is not None:
+        return done
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     tr = cfg["trainer"]
     device = ctx.device
     seed_everything(seed)
@@ -234,8 +242,9 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
 
     state = {"epoch": 0, "best_value": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_metrics": None}
     ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = D.broadcast_object(torch.load(ckpt_path, map_location=device if world == 1 else "cpu", weights_only=False)
+                              if main and ckpt_path.is_file() else None)
+    if ckpt is not None:
         model.load_trainable_state_dict(ckpt["model"])
         loss_module.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -245,13 +254,14 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
         state = ckpt["state"]
         torch.set_rng_state(ckpt["torch_rng"])
 
-    recorder = _Recorder(run_dir, enabled=bool(tr.get("logs", True)))
+    net = D.wrap_model(model)  # DistributedDataParallel with several processes, else the model itself
+    recorder = _Recorder(run_dir, enabled=main and bool(tr.get("logs", True)))
     iters = int(tr["iterations_per_epoch"])
     max_epochs = int(tr["max_epochs"])
     patience = tr.get("patience")
     clip = tr.get("grad_clip")
     bar = tqdm(total=max_epochs * iters, initial=state["epoch"] * iters, desc=desc or "training", unit="it",
-               disable=not ctx.progress, leave=False)
+               disable=not ctx.progress or not main, leave=False)
     try:
         while state["epoch"] < max_epochs and not (patience is not None and state["bad_epochs"] >= int(patience)):
             epoch = state["epoch"]
@@ -264,18 +274,21 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # at the epoch's start
             losses = []
-            for it, x in enumerate(ctx.source.train_batches([train_idx[b] for b in batches], rng)):
-                y = torch.as_tensor(train_labels[batches[it]], device=device)
+            for it, x in enumerate(ctx.source.train_batches([train_idx[b] for b in batches], rng, D.local_part)):
+                y = torch.as_tensor(train_labels[batches[it]], device=device)  # the global batch's labels
                 with torch.autocast(device_type="cuda", enabled=use_amp):
-                    out = model(x.to(device, non_blocking=True), from_cache=ctx.source.from_cache)
+                    out = net(x.to(device, non_blocking=True), from_cache=ctx.source.from_cache)
+                # several processes: the loss (XML's halves, the XBM/XBN memory ...) sees the global batch on every rank
+                emb, hist = D.gather_batch(out.embedding.float(), out.histogram)
                 if getattr(loss_module, "needs_histograms", False):
-                    loss = loss_module(out.embedding.float(), y, histograms=out.histogram)
+                    loss = loss_module(emb, y, histograms=hist)
                 else:
-                    loss = loss_module(out.embedding.float(), y)
+                    loss = loss_module(emb, y)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"training loss is {loss.item()} at epoch {epoch}, iteration {it}")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss * world if world > 1 else loss).backward()  # DDP averages: x world -> the sum
+                D.unscale_replicated_grads(loss_params)
                 if clip:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], float(clip))
@@ -286,7 +299,8 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
                 losses.append(loss.item())
                 recorder.add("train", "loss", losses[-1], epoch * iters + it)
                 bar.update(1)
-            metrics = evaluate_indices(model, ctx, val_idx, int(cfg.get("eval", {}).get("batch_size", 128)))
+            metrics = D.broadcast_object(evaluate_indices(model, ctx, val_idx, int(cfg.get("eval", {}).get("batch_size", 128)))
+                                         if main else None)
             value = metrics[OBJECTIVE]
             if sched_step == "epoch":
                 plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -298,16 +312,19 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
                 recorder.add("validation", k, v, epoch)
             if value > state["best_value"]:
                 state.update(best_value=value, best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
-                atomic_torch_save(run_dir / "best.pt", {"model": model.trainable_state_dict(),
-                                                        "loss": loss_module.state_dict()})
+                if main:
+                    atomic_torch_save(run_dir / "best.pt", {"model": model.trainable_state_dict(),
+                                                            "loss": loss_module.state_dict()})
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
             recorder.save()
-            atomic_torch_save(ckpt_path, {"model": model.trainable_state_dict(), "loss": loss_module.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                          "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                          "state": state, "torch_rng": torch.get_rng_state()})
+            if main:
+                atomic_torch_save(ckpt_path, {"model": model.trainable_state_dict(), "loss": loss_module.state_dict(),
+                                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                              "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                              "state": state, "torch_rng": torch.get_rng_state()})
+            D.barrier()  # the epoch's checkpoint is on disk before any process goes on (a killed group resumes from it)
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", map_r=f"{value:.3f}")
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
@@ -316,8 +333,10 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
         recorder.close()
     result = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "val": state["best_metrics"],
               "history": state["history"], "seed": seed, "num_train_classes": int(len(classes))}
-    atomic_write_json(run_dir / "result.json", result)
-    ckpt_path.unlink(missing_ok=True)  # the result and best.pt are all that is kept
+    if main:
+        atomic_write_json(run_dir / "result.json", result)
+        ckpt_path.unlink(missing_ok=True)  # the result and best.pt are all that is kept
+    D.barrier()
     return result
 
 
