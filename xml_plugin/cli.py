@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -173,11 +174,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .protocol.experiment import Experiment
         exp = Experiment(C.load(selection, presets=presets), args.experiment_name, progress=not args.no_progress,
                          overrides=overrides)
-        if args.restart:
+        if args.restart and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone moves the folder
             backup = exp.restart()
             if backup:
                 print(f"restart: the old experiment is kept as {backup}", file=sys.stderr)
         md = exp.run()
+        if not md:  # a torchrun rank other than 0: rank 0 prints the report
+            return 0
         print(md)
         print(f"report: {exp.folder / 'report.md'} (also report.csv, report.tex, reproductions.csv and plots)",
               file=sys.stderr)

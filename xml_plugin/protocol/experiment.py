@@ -16,6 +16,7 @@ import torch
 
 from .. import config as C
 from .. import registry
+from ..engine import distributed as D
 from ..engine import train as T
 from ..engine.cache import FeatureCache
 from ..engine.evaluate import split_metrics
@@ -323,6 +324,8 @@ class Experiment:
         from ..data import eval_transform, get_dataset, protocol_splits, train_transform
 
         cfg = self.cfg
+        if D.init_from_env() > 1 and not D.is_main():  # torchrun: rank 0 claims the folder and builds the cache first
+            D.barrier()
         device = T.select_device(cfg["general"].get("device", "auto"))
         threads = cfg["general"].get("num_threads")
         if threads:  # torch and faiss (OpenMP) alike: several workers on one machine must not oversubscribe it
@@ -352,7 +355,8 @@ class Experiment:
                          "cache_views": int(cache_cfg.get("views", 5)) if k > 0 and cache_cfg.get("enabled", True) else 0}
         if self.cfg["general"].get("storage"):
             self.storage  # an unreachable server is reported before anything is written
-        self._claim_folder(dataset, split)
+        if D.is_main():
+            self._claim_folder(dataset, split)
         cache = None
         if k > 0 and cache_cfg.get("enabled", True):
             from ..data import cache_root
@@ -365,6 +369,8 @@ class Experiment:
                                          trunk.num_blocks, cache_cfg, progress=self.progress)
         source = T.FeatureSource(dataset, cache, train_tf, eval_tf, int(cfg["trainer"].get("num_workers", 0)))
         self.ctx = T.RunContext(dataset, labels, source, trunk, k, device, self.progress)
+        if D.is_main():
+            D.barrier()
         return self.ctx
 
     def fingerprint(self, dataset) -> Dict[str, Any]:
@@ -423,6 +429,7 @@ class Experiment:
 
     def _train(self, method: str, ccfg: Dict[str, Any], fold: int, seed: int, desc: str, on_epoch=None) -> Dict[str, Any]:
         tr, va = self.split.folds[fold]
+        D.lead([method, ccfg, fold, seed, desc])  # torchrun: the other ranks train this fold in lockstep
         try:
             return T.train_fold(ccfg, self.ctx, np.asarray(tr), np.asarray(va), self.run_dir(method, ccfg, fold, seed), seed,
                                 desc=desc, on_epoch=on_epoch)
@@ -566,6 +573,9 @@ class Experiment:
     # ---------------------------------------------------------------- all of it
     def run(self) -> str:
         self.setup()
+        if not D.is_main():  # torchrun: rank 0 runs the Optuna bookkeeping and the report, this rank follows it
+            D.follow(self._train, expected=(TrialFailed,))
+            return ""
         t0 = time.perf_counter()
         results: Dict[str, List[Dict[str, Any]]] = {}
         best_params: Dict[str, Dict[str, Any]] = {}
@@ -578,6 +588,7 @@ class Experiment:
         finally:
             self.bar.close()
             self.bar = None
+        D.lead(None)  # torchrun: the other ranks are done
         md = self.write_report(results, best_params)
         print(f"wall time of this invocation: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         return md
