@@ -122,6 +122,13 @@ def result_view(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _without_nulls(d: Any) -> Any:
+    """``d`` without null values (a default added later as null does not change a configuration)."""
+    if isinstance(d, dict):
+        return {k: _without_nulls(v) for k, v in d.items() if v is not None}
+    return d
+
+
 def fingerprint_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """``'path: old -> new'`` for every leaf that differs (methods compared where both have them)."""
     def flat(d, prefix=""):
@@ -466,7 +473,7 @@ class Experiment:
         return [int(k) for k in ks] if ks else None
 
     def _method_fingerprint(self, method: str) -> str:
-        return stable_hash(result_view(self.method_config(method)))
+        return stable_hash(_without_nulls(result_view(self.method_config(method))))
 
     @property
     def reference(self) -> str:
