@@ -158,6 +158,8 @@ def test_the_eval_transform_is_part_of_the_cache_key(tiny_cfg):
 @pytest.mark.parametrize("key, value, words", [
     ("transforms.eval.mode", "squash", "transforms.eval.mode must be one of center_crop, resize, pad"),
     ("transforms.eval.fill", [255, 255], "transforms.eval.fill must be 3 ints"),
+    ("transforms.eval.fill", 255, "transforms.eval.fill must be 3 ints"),
+    ("transforms.eval.short_side", 16, "transforms.eval.short_side must be an int >= image_size"),
     ("transforms.train.scale", [0.9, 0.1], "transforms.train.scale must be"),
     ("transforms.train.flip", "no", "transforms.train.flip must be true or false"),
 ])

@@ -81,7 +81,8 @@ def eval_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
     * ``pad``: padded to a square with ``fill`` (the aspect ratio kept), then resized: nothing cut.
     """
     _check_size(image_size)
-    if len(fill) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in fill):
+    if (not isinstance(fill, (list, tuple)) or len(fill) != 3
+            or not all(isinstance(v, int) and 0 <= v <= 255 for v in fill)):
         raise ValueError(f"transforms.eval.fill must be 3 ints in 0..255 (RGB), got {fill!r}")
     if short_side is None:
         short_side = round(image_size * 256 / 224)
