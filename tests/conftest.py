@@ -49,3 +49,14 @@ def as_cli_args(overrides):
         else:
             out += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()]
     return out
+
+
+def run_main(capsys, argv):
+    """``xml_plugin.cli.main(argv)`` -> (exit code, stdout, stderr); argparse's own exits count as exit codes."""
+    from xml_plugin.cli import main
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -12,17 +12,9 @@ from xml_plugin import config as C
 from xml_plugin import registry as R
 from xml_plugin.cli import main
 
+from conftest import run_main
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_main(capsys, argv):
-    """``main(argv)`` -> (exit code, stdout, stderr); argparse's own exits count as exit codes."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

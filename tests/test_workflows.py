@@ -20,19 +20,10 @@ from xml_plugin.cli import main
 from xml_plugin.protocol.log import ExperimentLog
 from xml_plugin.protocol.run_index import read_index, record_run
 
-from conftest import as_cli_args, tiny_overrides
+from conftest import as_cli_args, tiny_overrides, run_main
 from tiny import TinyShapes
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_main(capsys, argv):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _rows(path):
