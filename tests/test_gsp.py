@@ -237,7 +237,7 @@ def test_zsr_value_from_its_definition():
     in_a = (labels == 0) | (labels == 1)
     zsr = 0.5 * (fit_predict_score(in_a, ~in_a) + fit_predict_score(~in_a, in_a))
     expected = (1 - w) * _ms_loss()(emb, labels).double() + w * zsr
-    assert float(wrapper(emb, labels, histograms=hist)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(wrapper(emb, labels, histograms=hist).detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [dict(weight=1.5), dict(ridge=0.0), dict(scale=-1.0), dict(num_classes=0),

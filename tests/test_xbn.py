@@ -384,7 +384,7 @@ def test_registered_names():
     axbn = registry.build("loss_wrapper", "axbn", loss=losses.ContrastiveLoss(), embedding_size=D)
     assert type(xbn) is CrossBatchNormMemory and xbn.adaptation == "xbn" and xbn.memory_size == 16
     assert isinstance(axbn, AdaptiveCrossBatchNormMemory) and axbn.adaptation == "axbn"
-    with pytest.raises(TypeError):
+    with pytest.raises(registry.UnknownOptionError, match="no_such_option"):
         registry.build("loss_wrapper", {"name": "axbn", "no_such_option": 1}, loss=losses.ContrastiveLoss(),
                        embedding_size=D)
 

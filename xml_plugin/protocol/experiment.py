@@ -163,10 +163,10 @@ def check_components(cfg: Dict[str, Any], method: str) -> None:
         if cfg.get(kind):
             specs[kind] = cfg[kind]
     for kind, spec in specs.items():
-        if spec:
+        if spec:  # names along the constructor chain; the values of losses, miners, optimizers, schedulers ...
             try:
-                registry.check_option_names(kind, spec, CONSUMED_OPTIONS.get(kind, ()))
-            except registry.UnknownOptionError as exc:
+                registry.check_options(kind, spec, CONSUMED_OPTIONS.get(kind, ()))
+            except C.ConfigError as exc:
                 raise C.ConfigError(f"method {method!r}: {exc}") from None
     dim = int((cfg.get("embedder") or {}).get("size", 128) or 128) if isinstance(cfg.get("embedder"), dict) else 128
     built = {}
