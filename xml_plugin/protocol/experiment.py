@@ -152,9 +152,10 @@ CONSUMED_OPTIONS = {"optimizer": ("loss_lr", "trunk_lr"), "trunk": ("frozen_bloc
 
 
 def check_components(cfg: Dict[str, Any], method: str) -> None:
-    """Every component's options against its constructor (unknown option: ConfigError naming the accepted ones), then
-    the loss, miner, pooling and loss wrapper built once on placeholder sizes, so that their own value checks (PML's
-    included) run before anything is trained: a ValueError or AssertionError there is bad input."""
+    """Every component's options against its constructor (``registry.check_options``: unknown options, and the value
+    checks of losses, miners, optimizers, schedulers), then the pooling and the loss wrapper (which ``check_options``
+    does not build: they need sizes and the base loss) built once on placeholder sizes, so that their own value checks
+    run before anything is trained: a ValueError or AssertionError there is bad input."""
     ds = cfg.get("dataset") or {}
     specs = {"dataset": {"name": ds.get("name"), "options": {**(ds.get("options_for") or {}).get(ds.get("name"), {}),
                                                              **(ds.get("options") or {})}}}
@@ -171,7 +172,8 @@ def check_components(cfg: Dict[str, Any], method: str) -> None:
     dim = int((cfg.get("embedder") or {}).get("size", 128) or 128) if isinstance(cfg.get("embedder"), dict) else 128
     built = {}
     try:
-        for kind in ("pooling", "loss", "miner", "loss_wrapper"):
+        # the loss and miner are built only as the wrapper's arguments (check_options has value-checked them)
+        for kind in ("pooling", "loss", "miner", "loss_wrapper") if cfg.get("loss_wrapper") else ("pooling",):
             if not cfg.get(kind):
                 continue
             if kind == "pooling":
@@ -314,8 +316,6 @@ class Experiment:
                 raise C.ConfigError(f"method {method!r}: loss wrapper {registry.split_spec(mcfg['loss_wrapper'])[0]!r} needs "
                                     f"histograms but pooling {registry.split_spec(mcfg['pooling'])[0]!r} gives none "
                                     f"(use pooling xml or gsp)")
-        if mcfg.get("miner"):
-            registry.get("miner", registry.split_spec(mcfg["miner"])[0])
 
     @property
     def storage(self):
