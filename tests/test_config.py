@@ -443,3 +443,26 @@ def test_gpu_paper_preset_is_the_reality_checks_setting():
 def test_every_shipped_config_file_has_only_known_keys(category):
     for name in C.available(category):
         C.check_keys(C.load({category: [name]}))
+
+
+def test_xml_full_keeps_the_data_sets_prototype_count_as_its_default():
+    # config_search/xml_full.yaml searches num_prototypes without a default: unsearched, XML keeps the data set's count
+    from xml_plugin.protocol.experiment import method_config
+    for dataset, m in (("sop", 128), ("inshop", 128), ("cards", 64)):
+        overrides = [("dataset.name", dataset)]
+        selection = {"config_search": ["xml_full"]}
+        cfg = C.load(selection, overrides, presets=C.presets_for(selection, overrides))
+        xml = method_config(cfg, "xml")
+        marker = C.search_space(xml)["pooling.options.num_prototypes"]
+        assert marker["choices"] == [16, 32, 64, 128]
+        assert C.resolve(xml)["pooling"]["options"]["num_prototypes"] == m, dataset
+
+
+def test_a_marker_without_default_inherits_only_a_value_in_its_range():
+    base = {"a": 0.25, "b": 7, "c": "x", "d": 3}
+    over = {"a": {"search": "float", "low": 0.0, "high": 1.0},            # 0.25 in range: kept (the middle is 0.5)
+            "b": {"search": "int", "low": 1, "high": 5},                  # 7 out of range: the middle, 3
+            "c": {"search": "categorical", "choices": ["y", "z"]},        # not a choice: the first choice
+            "d": {"search": "int", "low": 1, "high": 5, "default": 2}}    # an explicit default wins
+    cfg = C.merge(base, over)
+    assert C.resolve(cfg) == {"a": 0.25, "b": 3, "c": "y", "d": 2}

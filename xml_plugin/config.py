@@ -93,8 +93,22 @@ def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
               and not is_search_marker(value) and not is_search_marker(out[key])):
             out[key] = merge(out[key], value)
         else:
-            out[key] = _fresh(value)
+            out[key] = _inherit_default(_fresh(value), out.get(key))
     return out
+
+
+def _inherit_default(value: Any, replaced: Any) -> Any:
+    """A search marker without ``default`` that replaces a plain value in range keeps that value as its default, so that
+    a file adding a search (``config_search/xml_full.yaml``) does not reset what an earlier file set when the key is not
+    searched (SOP's 128 prototypes)."""
+    if not is_search_marker(value) or "default" in value or replaced is None or isinstance(replaced, (dict, list)):
+        return value
+    if value["search"] == "categorical":
+        ok = replaced in (value.get("choices") or [])
+    else:
+        ok = (isinstance(replaced, (int, float)) and not isinstance(replaced, bool)
+              and "low" in value and "high" in value and value["low"] <= replaced <= value["high"])
+    return {**value, "default": replaced} if ok else value
 
 
 def _fresh(value: Any) -> Any:
