@@ -4,6 +4,7 @@ its traceback."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -149,3 +150,21 @@ def test_a_bug_in_a_users_component_is_exit_1_with_traceback(tmp_path):
                        cwd=str(Path(__file__).resolve().parent.parent))
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" in r.stderr and "TypeError" in r.stderr and "buggy_loss.py" in r.stderr
+
+
+def test_a_method_that_changes_the_cache_from_pooled_to_full_is_a_different_experiment(tmp_path, capsys):
+    """With the whole trunk frozen, baseline alone gets the pooled cache (cache.pooled auto); adding XML (prototype
+    pooling) needs the full maps, so the baseline's stored runs would no longer be the same computation: refused."""
+    args = as_cli_args(tiny_overrides(tmp_path, **{"general.n_trials": 1, "general.reproductions": 1,
+                                                   "trainer.max_epochs": 1, "trunk.frozen_blocks": "auto",
+                                                   "search.mode": "none"}))
+    assert main(["--experiment_name", "pooled", "--no_progress", "--methods", "baseline", *args]) == 0
+    folder = tmp_path / "experiments" / "pooled"
+    info = json.loads((folder / "experiment.json").read_text())
+    assert info["fingerprint"]["shared"]["resolved"]["cache_pooled"] is True
+    capsys.readouterr()
+    before = _snapshot(folder)
+    code = main(["--experiment_name", "pooled", "--no_progress", "--methods", "baseline", "xml", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "cache_pooled" in err and "--restart" in err, err[-2000:]
+    assert _snapshot(folder) == before

@@ -52,24 +52,27 @@ def can_use_pooled(method_cfg: Dict[str, Any]) -> bool:
             and _canonical("embedder", method_cfg.get("embedder")) in LINEAR_EMBEDDERS)
 
 
+def pooled_choice(method_cfgs: Iterable[Dict[str, Any]], frozen_blocks: int, num_blocks: int, pooled: Any = "auto") -> bool:
+    """Does the cache keep one pooled vector per view (``cache.pooled`` auto: when every method can use it)?"""
+    poolable = frozen_blocks == num_blocks and all(can_use_pooled(m) for m in method_cfgs)
+    if pooled in ("auto", None):
+        return poolable
+    if pooled is True:
+        if not poolable:
+            raise ConfigError("cache.pooled is true, but a pooled cache only serves methods that train nothing but a "
+                              "linear embedder and GAP with the whole trunk frozen; set cache.pooled to auto or false")
+        return True
+    if pooled is False:
+        return False
+    raise ConfigError(f"cache.pooled must be auto, true or false, got {pooled!r}")
+
+
 def cache_plan(method_cfgs: Iterable[Dict[str, Any]], frozen_blocks: int, num_blocks: int, n_images: int, views: int,
                feature_shape: Sequence[int], pooled: Any = "auto", free_bytes: Optional[int] = None,
                ram_bytes: Optional[int] = None, ram_fraction: float = 0.25) -> Dict[str, Any]:
     """Pooled or full cache, its size, and whether it is loaded in RAM (else memory-mapped; several workers then share
     the page cache). ``free_bytes`` (None: not checked) below the size is a ConfigError saying how to fix it."""
-    method_cfgs = list(method_cfgs)
-    poolable = frozen_blocks == num_blocks and all(can_use_pooled(m) for m in method_cfgs)
-    if pooled in ("auto", None):
-        use_pooled = poolable
-    elif pooled is True:
-        if not poolable:
-            raise ConfigError("cache.pooled is true, but a pooled cache only serves methods that train nothing but a "
-                              "linear embedder and GAP with the whole trunk frozen; set cache.pooled to auto or false")
-        use_pooled = True
-    elif pooled is False:
-        use_pooled = False
-    else:
-        raise ConfigError(f"cache.pooled must be auto, true or false, got {pooled!r}")
+    use_pooled = pooled_choice(method_cfgs, frozen_blocks, num_blocks, pooled)
     if not 0 < float(ram_fraction) <= 1:
         raise ConfigError(f"cache.ram_fraction must be in (0, 1], got {ram_fraction!r}")
     size = cache_bytes(n_images, views, feature_shape, use_pooled)

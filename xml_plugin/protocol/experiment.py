@@ -18,7 +18,7 @@ from .. import config as C
 from .. import registry
 from ..engine import distributed as D
 from ..engine import train as T
-from ..engine.cache import FeatureCache
+from ..engine.cache import FeatureCache, pooled_choice
 from ..engine.evaluate import split_metrics
 from ..engine.io import atomic_write_json, read_json, stable_hash
 from ..engine.model import build_trunk, frozen_blocks
@@ -358,8 +358,14 @@ class Experiment:
             raise C.ConfigError(f"{exc} (see docs/data.md, 'Transforms')") from None
         eval_opts = {key: v for key, v in eval_opts.items() if v is not None}  # unset options: same cache key as before
         cache_cfg = cfg.get("cache", {})
+        cached = k > 0 and cache_cfg.get("enabled", True)
         self.resolved = {"device_type": device.type, "frozen_blocks": k, "image_size": size,
-                         "cache_views": int(cache_cfg.get("views", 5)) if k > 0 and cache_cfg.get("enabled", True) else 0}
+                         "cache_views": int(cache_cfg.get("views", 5)) if cached else 0}
+        if cached and pooled_choice([self.method_config(m) for m in self.methods], k, trunk.num_blocks,
+                                    cache_cfg.get("pooled", "auto")):
+            # pooled before the projection: equal to the full maps up to float rounding, but not the same numbers;
+            # recorded only when true so that the folders of full-cache experiments keep their names
+            self.resolved["cache_pooled"] = True
         if self.cfg["general"].get("storage"):
             self.storage  # an unreachable server is reported before anything is written
         if D.is_main():
