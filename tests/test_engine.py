@@ -282,3 +282,28 @@ def test_recall_at_k_against_brute_force(query_vs_gallery):
     assert m["recall_at_1"] == pytest.approx(m["precision_at_1"])
     for key, value in plain.items():  # searching more neighbours leaves the other metrics as they were
         assert m[key] == pytest.approx(value, abs=1e-9)
+
+
+def test_fold_ensemble_metrics_separate_is_the_mean_and_concatenated_is_the_normalised_concatenation():
+    """Two "fold models" embedding the same 40 samples: separate = mean of per-fold Recall@1 brute-forced here;
+    concatenated = Recall@1 of [e1/|e1|, e2/|e2|], brute-forced with a full sort (cosine = dot of the unit rows)."""
+    from xml_plugin.engine.evaluate import fold_ensemble_metrics
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(8).repeat_interleave(5)
+    embs = [scale * (torch.randn(40, 4, generator=g) * noise + torch.nn.functional.one_hot(labels % 4, 4).float())
+            for noise, scale in ((0.3, 1.0), (3.0, 20.0))]  # a good model and a poor one of a far larger scale
+
+    def recall_at_1(x):
+        x = torch.nn.functional.normalize(x, dim=1)
+        sims = x @ x.T
+        sims.fill_diagonal_(-float("inf"))
+        return (labels[sims.argmax(dim=1)] == labels).float().mean().item()
+
+    per_fold, separate, concatenated, cat = fold_ensemble_metrics(embs, labels, recall_ks=[1])
+    assert [r["recall_at_1"] for r in per_fold] == pytest.approx([recall_at_1(e) for e in embs], abs=1e-9)
+    assert separate["recall_at_1"] == pytest.approx(np.mean([recall_at_1(e) for e in embs]), abs=1e-9)
+    assert cat.shape == (40, 8)
+    unit = torch.cat([e / e.norm(dim=1, keepdim=True) for e in embs], dim=1)
+    assert concatenated["recall_at_1"] == pytest.approx(recall_at_1(unit), abs=1e-9)
+    # unnormalised concatenation would let the large-scale poor model dominate: a different number here
+    assert recall_at_1(torch.cat(embs, dim=1)) != pytest.approx(recall_at_1(unit), abs=1e-9)

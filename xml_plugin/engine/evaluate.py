@@ -81,3 +81,22 @@ def split_metrics(embeddings: torch.Tensor, labels: torch.Tensor, is_query: Opti
         qm, gm = torch.as_tensor(is_query, dtype=torch.bool), torch.as_tensor(is_gallery, dtype=torch.bool)
         return retrieval_metrics(embeddings[qm], labels[qm], embeddings[gm], labels[gm], recall_ks=recall_ks)
     return retrieval_metrics(embeddings, labels, recall_ks=recall_ks)
+
+
+def query_gallery(dataset, idx: np.ndarray):
+    """The query and gallery masks of the samples ``idx`` when the data set has them (In-Shop), else (None, None)."""
+    is_q, is_g = getattr(dataset, "is_query", None), getattr(dataset, "is_gallery", None)
+    if is_q is None or is_g is None:
+        return None, None
+    return is_q[idx], is_g[idx]
+
+
+def fold_ensemble_metrics(embeddings: Sequence[torch.Tensor], labels: torch.Tensor, is_query: Optional[np.ndarray] = None,
+                          is_gallery: Optional[np.ndarray] = None, recall_ks: Optional[Sequence[int]] = None):
+    """The protocol's two test numbers of one reproduction, from the fold models' embeddings of the same test samples:
+    per-fold metrics, ``separate`` (their mean) and ``concatenated`` (metrics of the L2-normalised embeddings
+    concatenated, [N, folds * d]); returns ``(per_fold, separate, concatenated, concatenation)``."""
+    per_fold = [split_metrics(e, labels, is_query, is_gallery, recall_ks=recall_ks) for e in embeddings]
+    separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}
+    cat = torch.cat([torch.nn.functional.normalize(e, dim=1) for e in embeddings], dim=1)
+    return per_fold, separate, split_metrics(cat, labels, is_query, is_gallery, recall_ks=recall_ks), cat

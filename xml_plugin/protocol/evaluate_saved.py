@@ -13,7 +13,7 @@ import torch
 
 from .. import config as C
 from ..engine import train as T
-from ..engine.evaluate import split_metrics
+from ..engine.evaluate import fold_ensemble_metrics, query_gallery, split_metrics
 from ..engine.io import read_json
 from . import slots
 from .experiment import Experiment
@@ -86,8 +86,7 @@ def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
     if split == "test":
         test = np.asarray(exp.split.test)
         parts = [test] * n_folds
-        qg = tuple(getattr(ds, a, None) for a in ("is_query", "is_gallery"))
-        is_q, is_g = (qg[0][test], qg[1][test]) if qg[0] is not None and qg[1] is not None else (None, None)
+        is_q, is_g = query_gallery(ds, test)
     else:
         parts = [np.asarray(va) for _, va in exp.split.folds]  # fold f's model on fold f's validation classes
         is_q = is_g = None
@@ -108,25 +107,25 @@ def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
         results[method] = []
         for t in done:
             slot, seed, params = t.user_attrs[slots.SLOT], t.user_attrs["seed"], t.user_attrs.get("params") or {}
-            embs, per_fold = [], []
+            embs = []
             for f in range(n_folds):
                 model = _model(exp, _run_folder(exp, index, method, slot, f, seed, params), method, params)
                 e = T.embed(model, ctx, parts[f], eval_bs)  # [N, d]
-                labels = torch.as_tensor(ctx.labels[parts[f]])
-                per_fold.append(split_metrics(e, labels, is_q, is_g, recall_ks=exp.recall_ks))
                 embs.append(e)
                 if export:
                     name = f"rep{slot}_fold{f}.npy"
                     (out_dir / method).mkdir(parents=True, exist_ok=True)
                     np.save(out_dir / method / name, e.numpy().astype(np.float32))
-            separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}
             concatenated = None
-            if split == "test":
-                cat = torch.cat([torch.nn.functional.normalize(e, dim=1) for e in embs], dim=1)  # [N, folds * d]
-                concatenated = split_metrics(cat, torch.as_tensor(ctx.labels[parts[0]]), is_q, is_g,
-                                             recall_ks=exp.recall_ks)
+            if split == "test":  # every fold model embeds the same test samples
+                per_fold, separate, concatenated, cat = fold_ensemble_metrics(
+                    embs, torch.as_tensor(ctx.labels[parts[0]]), is_q, is_g, recall_ks=exp.recall_ks)
                 if export:
                     np.save(out_dir / method / f"rep{slot}_concatenated.npy", cat.numpy().astype(np.float32))
+            else:  # fold f's model on fold f's own validation classes: no concatenation
+                per_fold = [split_metrics(e, torch.as_tensor(ctx.labels[parts[f]]), recall_ks=exp.recall_ks)
+                            for f, e in enumerate(embs)]
+                separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}
             results[method].append({"reproduction": slot, "seed": seed, "folds": per_fold, "separate": separate,
                                     "concatenated": concatenated,
                                     "stored": {k: t.user_attrs.get(k) for k in ("folds", "separate", "concatenated")}})

@@ -19,7 +19,7 @@ from .. import registry
 from ..engine import distributed as D
 from ..engine import train as T
 from ..engine.cache import FeatureCache, pooled_choice
-from ..engine.evaluate import split_metrics
+from ..engine.evaluate import fold_ensemble_metrics, query_gallery
 from ..engine.io import atomic_write_json, read_json, stable_hash
 from ..engine.model import build_trunk, frozen_blocks
 from . import slots
@@ -542,27 +542,22 @@ class Experiment:
         base = int(self.cfg["general"].get("seed", 0))
         test = np.asarray(self.split.test)
         test_labels = torch.as_tensor(self.ctx.labels[test])
-        ds = self.ctx.dataset
-        is_q = ds.is_query[test] if getattr(ds, "is_query", None) is not None else None
-        is_g = ds.is_gallery[test] if getattr(ds, "is_gallery", None) is not None else None
+        is_q, is_g = query_gallery(self.ctx.dataset, test)
         eval_bs = int(self.cfg.get("eval", {}).get("batch_size", 128))
 
         def work(trial: optuna.Trial, slot: int) -> float:
             seed = base + 1000 * (slot + 1)
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("params", params)
-            embs, per_fold, t0 = [], [], time.perf_counter()
+            embs, t0 = [], time.perf_counter()
             for f in range(len(self.split.folds)):
                 record_run(self.folder, self.run_dir(method, ccfg, f, seed), method, "reproduction", slot, f, seed,
                            params, ccfg, self.resolved)
                 self._train(method, ccfg, f, seed, desc=f"{method} reproduction {slot + 1}/{n} fold {f + 1}")
                 model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
-                e = T.embed(model, self.ctx, test, eval_bs)
-                embs.append(torch.nn.functional.normalize(e, dim=1))
-                per_fold.append(split_metrics(e, test_labels, is_q, is_g, recall_ks=self.recall_ks))
-            separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}  # the folds' mean
-            cat = torch.cat(embs, dim=1)  # [N, folds * d]
-            concatenated = split_metrics(cat, test_labels, is_q, is_g, recall_ks=self.recall_ks)
+                embs.append(T.embed(model, self.ctx, test, eval_bs))
+            per_fold, separate, concatenated, cat = fold_ensemble_metrics(embs, test_labels, is_q, is_g,
+                                                                          recall_ks=self.recall_ks)
             if slot == 0:
                 np.save(self.folder / f"test_embeddings_{method}.npy", cat.numpy())
             trial.set_user_attr("separate", separate)
