@@ -126,12 +126,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no_learning", action="store_true", help="only the cost figures")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 when another job shares 2 cores)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="xml_tail_regime_"))
     for variant in args.variants:
         cfg = variant_config(variant)
-        out = {"variant": variant, "date": time.strftime("%Y-%m-%d %H:%M"), "load1_before": round(os.getloadavg()[0], 1)}
+        out = {"variant": variant, "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
+               "load1_before": round(os.getloadavg()[0], 1)}
         out.update(cost(cfg, f"cost_{variant.replace(':', '_')}", folder, args.steps, args.warmup))
         out["fair_job_estimate_seconds"] = round(fair_job_seconds(out["step_seconds_median"], out["eval_ms_per_image"],
                                                                   out["train_images"], out["test_images"]))
