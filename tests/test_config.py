@@ -466,3 +466,11 @@ def test_a_marker_without_default_inherits_only_a_value_in_its_range():
             "d": {"search": "int", "low": 1, "high": 5, "default": 2}}    # an explicit default wins
     cfg = C.merge(base, over)
     assert C.resolve(cfg) == {"a": 0.25, "b": 3, "c": "y", "d": 2}
+
+
+def test_oversubscription_advice_only_when_busy_and_multithreaded():
+    from xml_plugin.protocol.experiment import oversubscription_advice
+    assert oversubscription_advice(2, load=0.3, cores=2) is None          # a quiet machine
+    assert oversubscription_advice(1, load=5.0, cores=2) is None          # already one thread
+    advice = oversubscription_advice(2, load=2.0, cores=2)                # every core already busy
+    assert advice is not None and "--general.num_threads 1" in advice and "2.0" in advice

@@ -110,6 +110,18 @@ NOT_RESULTS = {"general": ("experiment_folder", "storage", "num_threads", "heart
                METHOD_OVERRIDES: None}
 
 
+def oversubscription_advice(threads: int, load: Optional[float] = None, cores: Optional[int] = None) -> Optional[str]:
+    """A warning when other work already keeps every core busy and this job would add several threads: a multi-thread
+    CPU job next to others slows down far more than its share (docs/benchmarks.md, docs/trunks.md)."""
+    import os
+    load = os.getloadavg()[0] if load is None else load
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    if threads <= 1 or load < cores - 0.5:
+        return None
+    return (f"warning: the machine is busy (load average {load:.1f} on {cores} cores) and this job would run {threads} "
+            f"threads; with other jobs running, --general.num_threads 1 each is much faster")
+
+
 def result_view(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """``cfg`` without what cannot change a result (folders, storage, threads, logging; the budget is kept apart)."""
     out = copy.deepcopy(cfg)
@@ -339,6 +351,10 @@ class Experiment:
             import faiss
             torch.set_num_threads(int(threads))
             faiss.omp_set_num_threads(int(threads))
+        elif device.type == "cpu":
+            advice = oversubscription_advice(torch.get_num_threads())
+            if advice:
+                print(advice, file=sys.stderr)
         ds_cfg = cfg["dataset"]
         ds_options = {**(ds_cfg.get("options_for") or {}).get(ds_cfg["name"], {}), **(ds_cfg.get("options") or {})}
         dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **ds_options)
