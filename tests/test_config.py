@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from pathlib import Path
 
 import optuna
@@ -470,7 +471,22 @@ def test_a_marker_without_default_inherits_only_a_value_in_its_range():
 
 def test_oversubscription_advice_only_when_busy_and_multithreaded():
     from xml_plugin.protocol.experiment import oversubscription_advice
-    assert oversubscription_advice(2, load=0.3, cores=2) is None          # a quiet machine
-    assert oversubscription_advice(1, load=5.0, cores=2) is None          # already one thread
-    advice = oversubscription_advice(2, load=2.0, cores=2)                # every core already busy
-    assert advice is not None and "--general.num_threads 1" in advice and "2.0" in advice
+    assert oversubscription_advice(2, busy=0.3, cores=2) is None          # a quiet machine
+    assert oversubscription_advice(1, busy=2.0, cores=2) is None          # already one thread
+    assert oversubscription_advice(2, busy=None, cores=2) is None         # cannot tell
+    advice = oversubscription_advice(2, busy=1.8, cores=2)                # other work keeps every core busy
+    assert advice is not None and "--general.num_threads 1" in advice and "1.8 of the 2 cores" in advice
+
+
+def test_busy_cores_sees_a_spinning_process():
+    """A child process spinning on one core for 2 s: busy_cores reports at least about one busy core meanwhile."""
+    import subprocess
+    import sys
+    from xml_plugin.protocol.experiment import busy_cores
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cores(0.5)
+    finally:
+        child.wait()
+    assert busy is not None and busy >= 0.8, busy
