@@ -110,7 +110,7 @@ NOT_RESULTS = {"general": ("experiment_folder", "storage", "num_threads", "heart
                METHOD_OVERRIDES: None}
 
 
-def busy_cores(seconds: float = 0.25) -> Optional[float]:
+def busy_cores(seconds: float = 0.1) -> Optional[float]:
     """How many cores other processes keep busy right now: /proc/stat sampled over ``seconds`` while this process sleeps
     (the load average would count this process's own past work and jobs that just ended); None where it cannot tell."""
     def sample():
