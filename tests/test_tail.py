@@ -48,6 +48,14 @@ def test_tail_preset_trains_mobilenets_last_320_block_and_conv():
     assert cfg["optimizer"]["options"]["trunk_lr"] < cfg["optimizer"]["options"]["lr"]
 
 
+def test_tail_conv_preset_trains_only_mobilenets_last_conv():
+    from xml_plugin.models.trunks import MOBILENET_V2_SPLIT
+    cfg = C.load({"config_models": ["tail_conv"]})
+    k = cfg["trunk"]["frozen_blocks"]
+    assert k == -1 and MOBILENET_V2_SPLIT[k] == (18, 19)  # features[18]: the 1x1 conv 320 -> 1280 with its BN
+    assert cfg["optimizer"]["options"]["trunk_lr"] < cfg["optimizer"]["options"]["lr"]
+
+
 def _tiny_bn_cnn(pretrained: bool = False, weights_path=None):
     """tiny_cnn with a BatchNorm in its last block, to see whether the tail's running statistics move."""
     from torch import nn
