@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,6 @@ def busy_cores(seconds: float = 0.1) -> Optional[float]:
         total1, idle1 = sample()
     except (OSError, ValueError, IndexError):
         return None
-    import os
     span = total1 - total0
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / span) if span > 0 else None
 
@@ -367,7 +367,6 @@ class Experiment:
             torch.set_num_threads(int(threads))
             faiss.omp_set_num_threads(int(threads))
         elif device.type == "cpu":
-            import os
             advice = oversubscription_advice(torch.get_num_threads(), busy_cores(), os.cpu_count() or 1)
             if advice:
                 print(advice, file=sys.stderr)
