@@ -91,12 +91,17 @@ def query_gallery(dataset, idx: np.ndarray):
     return is_q[idx], is_g[idx]
 
 
+def mean_metrics(per_fold: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """The fold models' metrics averaged, metric by metric (the protocol's "separate" numbers)."""
+    return {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}
+
+
 def fold_ensemble_metrics(embeddings: Sequence[torch.Tensor], labels: torch.Tensor, is_query: Optional[np.ndarray] = None,
                           is_gallery: Optional[np.ndarray] = None, recall_ks: Optional[Sequence[int]] = None):
     """The protocol's two test numbers of one reproduction, from the fold models' embeddings of the same test samples:
     per-fold metrics, ``separate`` (their mean) and ``concatenated`` (metrics of the L2-normalised embeddings
     concatenated, [N, folds * d]); returns ``(per_fold, separate, concatenated, concatenation)``."""
     per_fold = [split_metrics(e, labels, is_query, is_gallery, recall_ks=recall_ks) for e in embeddings]
-    separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}
+    separate = mean_metrics(per_fold)
     cat = torch.cat([torch.nn.functional.normalize(e, dim=1) for e in embeddings], dim=1)
     return per_fold, separate, split_metrics(cat, labels, is_query, is_gallery, recall_ks=recall_ks), cat

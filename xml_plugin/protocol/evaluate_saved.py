@@ -13,7 +13,7 @@ import torch
 
 from .. import config as C
 from ..engine import train as T
-from ..engine.evaluate import fold_ensemble_metrics, query_gallery, split_metrics
+from ..engine.evaluate import fold_ensemble_metrics, mean_metrics, query_gallery, split_metrics
 from ..engine.io import read_json
 from . import slots
 from .experiment import Experiment
@@ -125,7 +125,7 @@ def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
             else:  # fold f's model on fold f's own validation classes: no concatenation
                 per_fold = [split_metrics(e, torch.as_tensor(ctx.labels[parts[f]]), recall_ks=exp.recall_ks)
                             for f, e in enumerate(embs)]
-                separate = {m: float(np.mean([r[m] for r in per_fold])) for m in per_fold[0]}
+                separate = mean_metrics(per_fold)
             results[method].append({"reproduction": slot, "seed": seed, "folds": per_fold, "separate": separate,
                                     "concatenated": concatenated,
                                     "stored": {k: t.user_attrs.get(k) for k in ("folds", "separate", "concatenated")}})

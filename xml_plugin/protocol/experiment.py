@@ -392,8 +392,8 @@ class Experiment:
         cached = k > 0 and cache_cfg.get("enabled", True)
         self.resolved = {"device_type": device.type, "frozen_blocks": k, "image_size": size,
                          "cache_views": int(cache_cfg.get("views", 5)) if cached else 0}
-        if cached and pooled_choice([self.method_config(m) for m in self.methods], k, trunk.num_blocks,
-                                    cache_cfg.get("pooled", "auto")):
+        method_cfgs = [self.method_config(m) for m in self.methods]
+        if cached and pooled_choice(method_cfgs, k, trunk.num_blocks, cache_cfg.get("pooled", "auto")):
             # pooled before the projection: equal to the full maps up to float rounding, but not the same numbers;
             # recorded only when true so that the folders of full-cache experiments keep their names
             self.resolved["cache_pooled"] = True
@@ -409,7 +409,7 @@ class Experiment:
             info = {"dataset": dataset.fingerprint(), "trunk": trunk.name, "weights": trunk.weights_id, "frozen_blocks": k,
                     "image_size": size, "train_transform": train_opts, "eval_transform": eval_opts, "views": views, "seed": int(cache_cfg.get("seed", 0))}
             cache = FeatureCache.planned(folder, info, dataset, torch.nn.Sequential(*list(trunk.blocks)[:k]), train_tf,
-                                         eval_tf, views, device, [self.method_config(m) for m in self.methods],
+                                         eval_tf, views, device, method_cfgs,
                                          trunk.num_blocks, cache_cfg, progress=self.progress)
         source = T.FeatureSource(dataset, cache, train_tf, eval_tf, int(cfg["trainer"].get("num_workers", 0)))
         self.ctx = T.RunContext(dataset, labels, source, trunk, k, device, self.progress)
