@@ -104,9 +104,13 @@ class RunContext:
 build_with = registry.build_with  # build a component with those of num_classes, embedding_size ... that it takes
 
 
-def build_loss(cfg: Dict[str, Any], num_classes: int, emb_size: int, histogram_size: Optional[int]) -> nn.Module:
-    """Base PML loss, optional miner, optional wrapper (XML, ZSR, XBM, XBN ...) from the config."""
+def build_loss(cfg: Dict[str, Any], num_classes: int, emb_size: int, histogram_size: Optional[int],
+               train_size: Optional[int] = None) -> nn.Module:
+    """Base PML loss, optional miner, optional wrapper (XML, ZSR, XBM, XBN ...) from the config. ``train_size`` (the
+    number of training images of the fold) reaches the components that take it (a memory sized as a fraction of it)."""
     avail = {"num_classes": num_classes, "embedding_size": emb_size}
+    if train_size is not None:
+        avail["train_size"] = int(train_size)
     loss = build_with("loss", cfg["loss"], avail)
     miner = build_with("miner", cfg["miner"], avail) if cfg.get("miner") else None
     wrapper_spec = cfg.get("loss_wrapper")
@@ -218,7 +222,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     classes, train_labels = np.unique(train_labels_global, return_inverse=True)  # labels 0..C-1
     model = build_head(cfg, ctx.trunk, ctx.frozen_blocks).to(device)
     hist_size = getattr(model.pooling, "num_prototypes", None)
-    loss_module = build_loss(cfg, len(classes), model.pooling.dim, hist_size).to(device)
+    loss_module = build_loss(cfg, len(classes), model.pooling.dim, hist_size, len(train_idx)).to(device)
     check_compatible(model, loss_module, cfg)
 
     opt_name, opt_opts = registry.split_spec(cfg["optimizer"])
