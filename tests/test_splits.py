@@ -137,3 +137,94 @@ def test_sop_uses_its_official_class_disjoint_split(tmp_path):
     assert split.query is None and split.meta["official_test_set"]
     halves = class_disjoint_splits(ds.labels, num_folds=2)  # what cutting the sorted classes would have given
     assert sorted(ds.class_names[c].split("/")[1] for c in halves.test_classes) != sorted(names)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dataset.split: mlrc, the Reality Check's scheme (powerful-benchmarker's MLRCSplitManager)
+
+def _mlrc_reference(trainval_classes, num_folds, test_size=0.5):
+    """Fold memberships written from the scheme's definition, over a class list of N = M / (1 - test_size) classes:
+    split lengths val = int(N (1 - test_size) / K), test = int(N test_size), train = N - val - test; fold p starts at
+    position int(p / K * M) of the M sorted train/val classes; train is the wrapped range of `train` positions from
+    there, val the wrapped range of `val` positions after it; a wrapped range [a, b] of class ids holds the ids with
+    a <= id <= b, or id >= a or id <= b when it wraps."""
+    ids = sorted(int(c) for c in trainval_classes)
+    m = len(ids)
+    n = int(round(m / (1 - test_size)))
+    lengths = {"val": int(n * (1.0 / num_folds) * (1 - test_size)), "test": int(n * test_size)}
+    lengths["train"] = n - lengths["val"] - lengths["test"]
+
+    def rule(start, length):
+        a, b = ids[start % m], ids[(start + length - 1) % m]
+        return (lambda x: a <= x <= b) if a < b else (lambda x: x >= a or x <= b)
+
+    folds = []
+    for p in range(num_folds):
+        start = int((float(p) / num_folds) * m)
+        in_train, in_val = rule(start, lengths["train"]), rule(start + lengths["train"], lengths["val"])
+        folds.append(([x for x in ids if in_train(x)], [x for x in ids if in_val(x)]))
+    return folds
+
+
+def _benchmark(name):
+    """The class lists of the three benchmarks: CUB 200 and Cars 196 classes halved by sorted id (100/100, 98/98),
+    SOP 22,634 classes with its official test set (Ebay_test.txt: the classes from 11,318 on, 0-based)."""
+    if name == "cub200":
+        labels = np.repeat(np.arange(200), 2)
+        return types.SimpleNamespace(name=name, labels=labels), 100
+    if name == "cars196":
+        labels = np.repeat(np.arange(196), 2)
+        return types.SimpleNamespace(name=name, labels=labels), 98
+    labels = np.arange(22634)
+    return types.SimpleNamespace(name=name, labels=labels, test_mask=labels >= 11318), 11318
+
+
+@pytest.mark.parametrize("name", ["cub200", "cars196", "sop"])
+def test_mlrc_folds_match_the_scheme_definition(name):
+    ds, n_trainval = _benchmark(name)
+    s = protocol_splits(ds, test_fraction=0.5, num_folds=4, scheme="mlrc")
+    classes = np.unique(ds.labels)
+    assert s.test_classes.tolist() == classes[n_trainval:].tolist()  # the test set is the default split's
+    assert s.test_classes.tolist() == protocol_splits(ds, 0.5, 4).test_classes.tolist()
+    assert s.meta["scheme"] == "mlrc"
+    reference = _mlrc_reference(classes[:n_trainval], 4)
+    assert len(s.folds) == 4
+    for (train, val), (ref_train, ref_val), group in zip(s.folds, reference, s.fold_classes):
+        assert sorted(set(ds.labels[train].tolist())) == ref_train
+        assert sorted(set(ds.labels[val].tolist())) == ref_val
+        assert sorted(group.tolist()) == ref_val
+        assert not set(ref_train) & set(ref_val) and len(ref_train) + len(ref_val) == n_trainval
+        assert not set(train.tolist()) & set(s.test.tolist())
+
+
+def test_mlrc_on_cars_leaves_two_classes_unvalidated():
+    """Cars196's 98 train/val classes: 24-class validation folds starting after 74 training classes at 0, 24, 49, 73,
+    so classes 24 and 73 are never validated (the default split validates every class once, folds of 25/25/24/24)."""
+    ds, _ = _benchmark("cars196")
+    s = protocol_splits(ds, 0.5, 4, scheme="mlrc")
+    assert [len(g) for g in s.fold_classes] == [24, 24, 24, 24]
+    assert s.fold_classes[0].tolist() == list(range(74, 98)) and s.fold_classes[1].tolist() == list(range(24))
+    validated = set(np.concatenate(s.fold_classes).tolist())
+    assert set(range(98)) - validated == {24, 73}
+    default = protocol_splits(ds, 0.5, 4)
+    assert [len(g) for g in default.fold_classes] == [25, 25, 24, 24]
+    assert set(np.concatenate(default.fold_classes).tolist()) == set(range(98))
+
+
+def test_mlrc_on_cub_validates_the_default_groups_in_another_order():
+    ds, _ = _benchmark("cub200")
+    mlrc = protocol_splits(ds, 0.5, 4, scheme="mlrc").fold_classes
+    default = protocol_splits(ds, 0.5, 4).fold_classes
+    assert [g.tolist() for g in mlrc] == [default[i].tolist() for i in (3, 0, 1, 2)]
+
+
+def test_scheme_is_recorded_only_when_not_the_default_and_unknown_schemes_fail():
+    from xml_plugin.config import ConfigError
+    labels = np.arange(20)
+    assert "scheme" not in class_disjoint_splits(labels).meta  # splits.json of the default scheme unchanged
+    assert protocol_splits(types.SimpleNamespace(name="t", labels=labels), scheme=None).to_dict() == \
+        class_disjoint_splits(labels).to_dict() | {"meta": {**class_disjoint_splits(labels).meta, "dataset": "t"}}
+    with pytest.raises(ConfigError, match="dataset.split 'mlcr'.*default, mlrc"):
+        class_disjoint_splits(labels, scheme="mlcr")
+    with pytest.raises(ValueError, match="num_folds"):
+        class_disjoint_splits(np.arange(6), num_folds=4, scheme="mlrc")  # 3 train/val classes < 4 folds

@@ -1,9 +1,15 @@
 """Class-disjoint splits of the fair-comparison protocol (docs/methods.md, the protocol).
 
 Sort the class ids; the last ``C - floor(C * (1 - test_fraction))`` of them form the test set
-(with the default 0.5 and an odd C the test half gets the extra class). The first part is cut into
-``num_folds`` contiguous class groups like sklearn ``KFold`` without shuffling (the first
-``n % num_folds`` groups get one class more); fold i validates on group i and trains on the rest.
+(with the default 0.5 and an odd C the test half gets the extra class). The folds over the first part follow a
+*scheme* (``dataset.split``):
+
+* ``default``: ``num_folds`` contiguous class groups like sklearn ``KFold`` without shuffling (the first
+  ``n % num_folds`` groups get one class more); fold i validates on group i and trains on the rest;
+* ``mlrc``: the Reality Check's scheme (powerful-benchmarker's ``MLRCSplitManager``): over the M sorted train/val
+  classes, fold i validates on the ``floor(M / num_folds)`` classes that follow a window of ``M - floor(M /
+  num_folds)`` training classes starting at position ``floor(i M / num_folds)``, wrapping around the end; when
+  ``num_folds`` does not divide M some classes are never validated (Cars196: 24-class folds, two classes always train).
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+
+from ..config import ConfigError
 
 _EPS = 1e-9  # guards floor() against float error: 10 * (1 - 0.3) = 6.999...
 
@@ -113,6 +121,33 @@ def fold_groups(classes: np.ndarray, num_folds: int) -> List[np.ndarray]:
     return [classes[bounds[i]:bounds[i + 1]] for i in range(num_folds)]
 
 
+def mlrc_fold_groups(classes: np.ndarray, num_folds: int) -> List[np.ndarray]:
+    """Validation classes of each fold in the Reality Check's scheme over the sorted ``classes`` (M of them): fold i
+    trains on the ``M - floor(M / K)`` classes from position ``s_i = floor(i M / K)`` on and validates on the
+    ``floor(M / K)`` after them, positions taken modulo M."""
+    m = len(classes)
+    n_val = m // num_folds
+    if n_val < 1:
+        raise ValueError(f"{m} train/val classes cannot make num_folds={num_folds} class-disjoint folds; "
+                         f"need at least {num_folds} (lower num_folds or test_fraction)")
+    n_train = m - n_val
+    groups = []
+    for i in range(num_folds):
+        start = (i * m) // num_folds
+        groups.append(classes[(start + n_train + np.arange(n_val)) % m])
+    return groups
+
+
+SCHEMES = {"default": fold_groups, "mlrc": mlrc_fold_groups}  # dataset.split -> validation groups of the folds
+
+
+def _groups(scheme: str, classes: np.ndarray, num_folds: int) -> List[np.ndarray]:
+    if scheme not in SCHEMES:
+        raise ConfigError(f"dataset.split {scheme!r} is not a split scheme; schemes are {', '.join(SCHEMES)} "
+                          f"(docs/data.md, 'Splits')")
+    return SCHEMES[scheme](classes, num_folds)
+
+
 def _folds_over(labels: np.ndarray, candidates: np.ndarray, groups: List[np.ndarray]):
     """(train, val) index arrays: fold i validates on ``groups[i]``; indices restricted to ``candidates``."""
     folds = []
@@ -123,8 +158,9 @@ def _folds_over(labels: np.ndarray, candidates: np.ndarray, groups: List[np.ndar
     return folds
 
 
-def class_disjoint_splits(labels, test_fraction: float = 0.5, num_folds: int = 4) -> Split:
-    """Test = last ``C - floor(C (1 - test_fraction))`` sorted classes; folds = contiguous groups of the rest."""
+def class_disjoint_splits(labels, test_fraction: float = 0.5, num_folds: int = 4, scheme: str = "default") -> Split:
+    """Test = last ``C - floor(C (1 - test_fraction))`` sorted classes; folds over the rest by ``scheme`` (default:
+    contiguous groups; ``mlrc``: the Reality Check's wrapped windows)."""
     _check(test_fraction, num_folds)
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -135,28 +171,35 @@ def class_disjoint_splits(labels, test_fraction: float = 0.5, num_folds: int = 4
     if c - n_trainval < 1:
         raise ValueError(f"{c} classes leave no test class with test_fraction={test_fraction}")
     trainval_classes, test_classes = classes[:n_trainval], classes[n_trainval:]
-    groups = fold_groups(trainval_classes, num_folds)
+    groups = _groups(scheme, trainval_classes, num_folds)
     all_idx = np.arange(len(labels), dtype=np.int64)
     is_test = np.isin(labels, test_classes)
     folds = _folds_over(labels, all_idx[~is_test], groups)
     return Split(test=all_idx[is_test], folds=folds, test_classes=test_classes.astype(np.int64),
                  fold_classes=[g.astype(np.int64) for g in groups],
                  meta={"test_fraction": float(test_fraction), "num_folds": int(num_folds),
-                       "num_classes": int(c)})
+                       "num_classes": int(c), **_scheme_meta(scheme)})
 
 
-def protocol_splits(dataset, test_fraction: float = 0.5, num_folds: int = 4) -> Split:
+def _scheme_meta(scheme: str) -> Dict[str, Any]:
+    """``{"scheme": ...}`` for a scheme other than the default, so that the default's ``splits.json`` stays as it was."""
+    return {} if scheme == "default" else {"scheme": scheme}
+
+
+def protocol_splits(dataset, test_fraction: float = 0.5, num_folds: int = 4, scheme: Optional[str] = "default") -> Split:
     """The protocol's split of ``dataset``: its own class-disjoint test set when it ships one, so that numbers compare
     with the literature (SOP: ``test_mask``, the rows of Ebay_test.txt; In-Shop: ``is_query`` / ``is_gallery``, test =
     query + gallery), with the folds over the classes of the remaining images; otherwise
-    ``class_disjoint_splits(dataset.labels, ...)`` (sorted halves: CUB 100/100, Cars 98/98)."""
+    ``class_disjoint_splits(dataset.labels, ...)`` (sorted halves: CUB 100/100, Cars 98/98). ``scheme``
+    (``dataset.split``; None: ``default``) picks how the folds are cut (see the module's docstring)."""
+    scheme = scheme or "default"
     labels = np.asarray(dataset.labels)
     is_query = getattr(dataset, "is_query", None)
     is_gallery = getattr(dataset, "is_gallery", None)
     test_mask = getattr(dataset, "test_mask", None)
     query_gallery = is_query is not None and is_gallery is not None
     if not query_gallery and test_mask is None:
-        split = class_disjoint_splits(labels, test_fraction, num_folds)
+        split = class_disjoint_splits(labels, test_fraction, num_folds, scheme)
         split.meta["dataset"] = getattr(dataset, "name", None)
         return split
     _check(test_fraction, num_folds)  # test_fraction unused here, still validated
@@ -173,9 +216,9 @@ def protocol_splits(dataset, test_fraction: float = 0.5, num_folds: int = 4) -> 
     if len(shared):
         raise ValueError(f"{getattr(dataset, 'name', 'dataset')}: {len(shared)} classes appear both in its test set "
                          f"and in its training images (e.g. {shared[:5].tolist()}); the protocol needs class-disjoint sets")
-    groups = fold_groups(trainval_classes, num_folds)
+    groups = _groups(scheme, trainval_classes, num_folds)
     meta = {"num_folds": int(num_folds), "num_classes": int(len(np.unique(labels))),
-            "dataset": getattr(dataset, "name", None), "official_test_set": True}
+            "dataset": getattr(dataset, "name", None), "official_test_set": True, **_scheme_meta(scheme)}
     if query_gallery:
         meta["query_gallery"] = True
     return Split(test=all_idx[is_test], folds=_folds_over(labels, train_idx, groups),
@@ -185,4 +228,4 @@ def protocol_splits(dataset, test_fraction: float = 0.5, num_folds: int = 4) -> 
                  gallery=all_idx[is_gallery] if query_gallery else None, meta=meta)
 
 
-__all__ = ["Split", "class_disjoint_splits", "protocol_splits", "fold_groups"]
+__all__ = ["Split", "class_disjoint_splits", "protocol_splits", "fold_groups", "mlrc_fold_groups", "SCHEMES"]
