@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .engine.model import build_head, build_trunk
+from .engine.train import load_trainable
 from .protocol.run_index import read_run
 
 ImageLike = Union[str, Path, Image.Image]
@@ -57,8 +58,7 @@ def load_model(run_dir: Union[str, Path], device: str = "cpu") -> SavedModel:
     dev = torch.device(device)
     trunk = build_trunk(cfg)
     model = build_head(cfg, trunk, int(resolved["frozen_blocks"])).to(dev)
-    state = torch.load(run_dir / "best.pt", map_location=dev, weights_only=False)
-    model.load_trainable_state_dict(state["model"])
+    load_trainable(model, run_dir / "best.pt", dev)  # weights_only: a planted pickle cannot run code
     tf = eval_transform(int(resolved["image_size"]), trunk.mean, trunk.std, **dict((cfg.get("transforms") or {}).get("eval") or {}))
     return SavedModel(model, tf, dev, info)
 

@@ -19,7 +19,7 @@ from .. import registry
 from ..config import ConfigError
 from . import distributed as D
 from .evaluate import split_metrics
-from .io import atomic_torch_save, atomic_write_json, read_json
+from .io import DamagedFileError, atomic_torch_save, atomic_write_json, move_aside, read_json_checked, safe_torch_load
 from .model import EmbeddingModel, build_head
 
 OBJECTIVE = "mean_average_precision_at_r"
@@ -210,7 +210,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     """
     run_dir = Path(run_dir)
     main, world = D.is_main(), D.world_size()  # several processes: rank 0 reads and writes run_dir, tells the others
-    done = D.broadcast_object(read_json(run_dir / "result.json") if main and (run_dir / "result.json").is_file() else None)
+    done = D.broadcast_object(_read_result(run_dir) if main else None)
     if done is not None:
         return done
     if main:
@@ -246,17 +246,20 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
 
     state = {"epoch": 0, "best_value": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "best_metrics": None}
     ckpt_path = run_dir / "checkpoint.pt"
-    ckpt = D.broadcast_object(torch.load(ckpt_path, map_location=device if world == 1 else "cpu", weights_only=False)
-                              if main and ckpt_path.is_file() else None)
+    ckpt = D.broadcast_object(_read_checkpoint(ckpt_path, device if world == 1 else "cpu") if main else None)
     if ckpt is not None:
-        model.load_trainable_state_dict(ckpt["model"])
-        loss_module.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["lr_scheduler"])
-        state = ckpt["state"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        try:
+            model.load_trainable_state_dict(ckpt["model"])
+            loss_module.load_state_dict(ckpt["loss"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ckpt["lr_scheduler"])
+            state = ckpt["state"]
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # loads, but is not this run's checkpoint
+            raise DamagedFileError(ckpt_path, f"it does not fit this run ({type(exc).__name__}: {exc})",
+                                   "move it away to train the fold from its start") from None
 
     net = D.wrap_model(model)  # DistributedDataParallel with several processes, else the model itself
     recorder = _Recorder(run_dir, enabled=main and bool(tr.get("logs", True)))
@@ -327,7 +330,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
                 atomic_torch_save(ckpt_path, {"model": model.trainable_state_dict(), "loss": loss_module.state_dict(),
                                               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                               "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-                                              "state": state, "torch_rng": torch.get_rng_state()})
+                                              "state": plain(state), "torch_rng": torch.get_rng_state()})
             D.barrier()  # the epoch's checkpoint is on disk before any process goes on (a killed group resumes from it)
             bar.set_postfix(loss=f"{entry['train_loss']:.3f}", map_r=f"{value:.3f}")
             if on_epoch is not None:
@@ -336,7 +339,8 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
         bar.close()
         recorder.close()
     result = {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "val": state["best_metrics"],
-              "history": state["history"], "seed": seed, "num_train_classes": int(len(classes))}
+              "history": state["history"], "seed": seed, "num_train_classes": int(len(classes)),
+              "provenance": provenance(device)}
     if main:
         atomic_write_json(run_dir / "result.json", result)
         ckpt_path.unlink(missing_ok=True)  # the result and best.pt are all that is kept
@@ -345,10 +349,80 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
 
 
 def load_best(cfg: Dict[str, Any], ctx: RunContext, run_dir: Path) -> EmbeddingModel:
+    """The run's best model; :class:`DamagedFileError` when ``best.pt`` does not load as plain tensors or does not fit
+    the model the config builds."""
     model = build_head(cfg, ctx.trunk, ctx.frozen_blocks).to(ctx.device)
-    ckpt = torch.load(Path(run_dir) / "best.pt", map_location=ctx.device, weights_only=False)
-    model.load_trainable_state_dict(ckpt["model"])
+    load_trainable(model, Path(run_dir) / "best.pt", ctx.device)
     return model.eval()
+
+
+def load_trainable(model: EmbeddingModel, path: Path, device: Any) -> None:
+    """``model``'s trainable weights from a ``best.pt`` (loaded with ``weights_only=True``: nothing in it can run)."""
+    fix = "rerun the experiment to train that fold again, or take the folder from where it came intact"
+    ckpt = safe_torch_load(path, map_location=device, fix=fix)
+    try:
+        model.load_trainable_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise DamagedFileError(path, f"it does not fit this run's model ({type(exc).__name__})", fix) from None
+
+
+def discard_run(run_dir: Path, why: str) -> None:
+    """Move a finished run's result and best model aside (kept, never read again) so that the fold trains again."""
+    for name in ("result.json", "best.pt", "checkpoint.pt"):
+        move_aside(Path(run_dir) / name, why)
+
+
+def _read_result(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """``result.json`` of a finished run, or None; one that is not valid JSON (or lacks the result's keys) is moved
+    aside and the fold is trained again (deterministic: the same numbers)."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = read_json_checked(path)
+        if not isinstance(result, dict) or "val" not in result or "history" not in result:
+            raise DamagedFileError(path, "not a run's result")
+        return result
+    except DamagedFileError as exc:
+        move_aside(path, exc.reason)
+        move_aside(run_dir / "best.pt", "its result.json was damaged")
+        return None
+
+
+def _read_checkpoint(path: Path, map_location: Any) -> Optional[Dict[str, Any]]:
+    """The epoch checkpoint, or None (no checkpoint, or a damaged one, which is moved aside: the fold restarts from
+    its first epoch and reaches the same numbers)."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = safe_torch_load(path, map_location=map_location)
+        if not isinstance(ckpt, dict) or not {"model", "state", "optimizer"} <= set(ckpt):
+            raise DamagedFileError(path, "not a training checkpoint")
+        return ckpt
+    except DamagedFileError as exc:
+        move_aside(path, exc.reason)
+        return None
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers and tuples as lists: data that ``weights_only`` loading accepts."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def provenance(device: torch.device) -> Dict[str, Any]:
+    """Where a run was computed: processes (a DDP group's world size), torch threads, device, package versions."""
+    import faiss
+    import pytorch_metric_learning
+    return {"world_size": D.world_size(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
+            "faiss": getattr(faiss, "__version__", "unknown")}
 
 
 class _Recorder:

@@ -3,10 +3,14 @@ marked keys with the same budget, reproductions of the best configuration, paire
 shareable between workers."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -21,10 +25,11 @@ from ..engine import distributed as D
 from ..engine import train as T
 from ..engine.cache import FeatureCache, pooled_choice
 from ..engine.evaluate import fold_ensemble_metrics, query_gallery
-from ..engine.io import atomic_write_json, read_json, stable_hash
+from ..engine.io import atomic_write_json, read_json, read_json_checked, stable_hash
 from ..engine.model import build_trunk, frozen_blocks
 from . import slots
 from .log import ExperimentLog, experiment_bar
+from .names import check_name, owns_study, study_name
 from .run_index import record_run
 
 log = logging.getLogger("xml_plugin")
@@ -86,7 +91,7 @@ def training_key(cfg: Dict[str, Any]) -> Dict[str, Any]:
 def open_storage(url: str, heartbeat_seconds: int):
     """The Optuna storage at ``url``; a URL that cannot be opened is input (ConfigError naming host, port and fix)."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, OperationalError
+    from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
@@ -103,6 +108,12 @@ def open_storage(url: str, heartbeat_seconds: int):
     except (ModuleNotFoundError, ImportError) as exc:
         raise C.ConfigError(f"--storage {parsed.render_as_string(hide_password=True)} needs a database driver that is "
                             f"not installed ({exc}); for PostgreSQL: pip install 'psycopg[binary]'") from None
+    except ArgumentError as exc:  # NoSuchModuleError: a dialect SQLAlchemy does not know
+        raise C.ConfigError(f"--storage {parsed.render_as_string(hide_password=True)}: unknown database kind "
+                            f"{parsed.drivername!r} ({' '.join(str(exc).split())[:120]}); use sqlite:///path/optuna.db "
+                            f"or postgresql://user:password@host:5432/dbname") from None
+    except (DatabaseError, optuna.exceptions.StorageInternalError) as exc:  # opens, but is not a readable database
+        raise damaged_storage(url, exc) from None
 
 
 NOT_RESULTS = {"general": ("experiment_folder", "storage", "num_threads", "heartbeat_seconds", "methods", "reference",
@@ -196,7 +207,11 @@ def check_components(cfg: Dict[str, Any], method: str) -> None:
                 registry.check_options(kind, spec, CONSUMED_OPTIONS.get(kind, ()))
             except C.ConfigError as exc:
                 raise C.ConfigError(f"method {method!r}: {exc}") from None
+    for kind, spec in specs.items():
+        if spec and kind != "dataset":
+            check_option_types(kind, spec, method)
     dim = int((cfg.get("embedder") or {}).get("size", 128) or 128) if isinstance(cfg.get("embedder"), dict) else 128
+    dry_run_loss(cfg, method, dim)
     built = {}
     try:
         # the loss and miner are built only as the wrapper's arguments (check_options has value-checked them)
@@ -217,10 +232,100 @@ def check_components(cfg: Dict[str, Any], method: str) -> None:
                             f"({' '.join(str(exc).split()) or type(exc).__name__}); check --{kind}.options") from None
 
 
+def _kind_of_default(default: Any) -> Optional[Tuple[tuple, str]]:
+    """The accepted types of an option whose constructor default is ``default`` (None: not checked)."""
+    if isinstance(default, bool):
+        return (bool,), "true or false"
+    if isinstance(default, (int, float)):
+        return (int, float), "a number"
+    if isinstance(default, str):
+        return (str,), "a string"
+    return None
+
+
+def check_option_types(kind: str, spec: Any, method: str) -> None:
+    """Each option's value against the type of its constructor default (a number, a string, a flag): a list or a string
+    where a number is expected is refused here, not inside the first trial."""
+    import inspect
+    name, opts = registry.split_spec(spec)
+    if not isinstance(name, str):
+        return
+    try:
+        params = inspect.signature(registry.get(kind, name)).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in opts.items():
+        p = params.get(key)
+        if p is None or value is None or C.is_search_marker(value):
+            continue
+        accepted = _kind_of_default(p.default)
+        if accepted is None:
+            continue
+        types, what = accepted
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise C.ConfigError(f"method {method!r}: {kind} {name!r} option {key!r} must be {what} (its default is "
+                                f"{p.default!r}), got {value!r}; set it with --{kind}.options.{key} VALUE")
+
+
+TRUSTED_MODULES = ("pytorch_metric_learning", "torch", "xml_plugin")
+
+
+def dry_run_loss(cfg: Dict[str, Any], method: str, dim: int) -> None:
+    """The loss (with its miner and wrapper) built on placeholder sizes and called once forward and backward on a tiny
+    random batch, so that an option it refuses only when it computes fails now, before anything is written. A failure
+    of the project's or PML's own components is bad input; one inside a user's registered component is a bug and is
+    raised as it is (exit 1, traceback)."""
+    if not cfg.get("loss"):
+        return
+    names = [(k, registry.split_spec(cfg[k])[0]) for k in ("loss", "miner", "loss_wrapper") if cfg.get(k)]
+    trusted = all(getattr(registry.get(k, n), "__module__", "").split(".")[0] in TRUSTED_MODULES for k, n in names)
+    pooling = cfg.get("pooling")
+    m = None
+    if pooling:
+        opts = registry.split_spec(pooling)[1]
+        m = opts.get("num_prototypes", 64) if isinstance(opts.get("num_prototypes", 64), int) else 64
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(4)  # [16]: 4 classes x 4
+    try:
+        with torch.random.fork_rng(devices=[]):
+            module = T.build_loss(C.resolve(cfg), 4, dim, m, train_size=64)
+            emb = torch.randn(len(labels), dim, generator=gen, requires_grad=True)
+            if getattr(module, "needs_histograms", False):
+                hist = torch.softmax(torch.randn(len(labels), int(m or 64), generator=gen), dim=1)
+                loss = module(emb, labels, histograms=hist)
+            else:
+                loss = module(emb, labels)
+            if loss.requires_grad:
+                loss.backward()
+    except C.ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PML and torch refuse values with many kinds of errors
+        if not trusted:
+            raise
+        raise C.ConfigError(f"method {method!r}: the loss {', '.join(f'{k} {n!r}' for k, n in names)} fails on a "
+                            f"test batch with these options ({type(exc).__name__}: {' '.join(str(exc).split())[:200]});"
+                            f" check --loss.options / --miner / --loss_wrapper.options") from None
+
+
 def _marker_range(marker: Dict[str, Any]) -> str:
     if marker["search"] == "categorical":
         return "{" + ", ".join(map(str, marker["choices"])) + "}"
     return f"[{marker['low']:g}, {marker['high']:g}]" + (" log" if marker.get("log") else "")
+
+
+MAX_TRIALS, MAX_REPRODUCTIONS = 100_000, 10_000
+MAX_SEED = 2 ** 31 - 1 - 1000 * (MAX_REPRODUCTIONS + 1)  # reproduction r trains with seed + 1000 (r + 1)
+
+
+def _is_device(value: Any) -> bool:
+    if value in (None, "auto"):
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        return torch.device(value).type in ("cpu", "cuda", "mps")
+    except RuntimeError:
+        return False
 
 
 def check_numbers(cfg: Dict[str, Any]) -> None:
@@ -235,8 +340,16 @@ def check_numbers(cfg: Dict[str, Any]) -> None:
             raise C.ConfigError(f"{path} must be {what}, got {value!r} (set it with --{path} VALUE)")
 
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    need("general.n_trials", lambda v: is_int(v) and v >= 1, "an integer >= 1")
-    need("general.reproductions", lambda v: is_int(v) and v >= 1, "an integer >= 1 (2 or more for an interval)")
+    need("general.n_trials", lambda v: is_int(v) and 1 <= v <= MAX_TRIALS, f"an integer in [1, {MAX_TRIALS}]")
+    need("general.reproductions", lambda v: is_int(v) and 1 <= v <= MAX_REPRODUCTIONS,
+         f"an integer in [1, {MAX_REPRODUCTIONS}] (2 or more for an interval)")
+    need("general.seed", lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+    need("cache.seed", lambda v: v is None or (is_int(v) and 0 <= v <= MAX_SEED), f"an integer in [0, {MAX_SEED}]")
+    need("general.num_threads", lambda v: v is None or (is_int(v) and 1 <= v <= 1024),
+         "null (torch's default) or an integer in [1, 1024]")
+    need("general.heartbeat_seconds", lambda v: v is None or (is_int(v) and 1 <= v <= 3600),
+         "an integer in [1, 3600] (seconds)")
+    need("general.device", _is_device, "auto, cpu, cuda, cuda:N or mps")
     need("dataset.num_folds", lambda v: is_int(v) and v >= 2, "an integer >= 2")
     need("dataset.test_fraction", lambda v: 0 < float(v) < 1, "a fraction in (0, 1)")
     need("trainer.batch_size", lambda v: is_int(v) and v >= 2, "an integer >= 2")
@@ -259,6 +372,42 @@ def check_numbers(cfg: Dict[str, Any]) -> None:
         raise C.ConfigError(f"general.reference {ref!r} is not one of the compared methods {cfg['general']['methods']}")
 
 
+def _db_errors():
+    from sqlalchemy.exc import DatabaseError
+    return DatabaseError
+
+
+def damaged_storage(url: str, exc: BaseException) -> C.ConfigError:
+    """The input error for an Optuna storage that opens but cannot be read (a damaged or foreign ``optuna.db``)."""
+    from sqlalchemy.engine import make_url
+    parsed = make_url(url)
+    where = parsed.database if parsed.get_backend_name() == "sqlite" else parsed.render_as_string(hide_password=True)
+    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:160]
+    return C.ConfigError(f"the Optuna storage {where} cannot be read ({reason}): if it is damaged, move it away and "
+                         f"rerun (finished folds are read back from runs/, so nothing is trained twice), or --restart "
+                         f"to start the experiment over")
+
+
+def _rename_studies(storage, old: str, new: str) -> None:
+    """Rename experiment ``old``'s own studies (:func:`owns_study`) to experiment ``new``'s in ``storage``."""
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if owns_study(old, summary.study_name):
+            optuna.copy_study(from_study_name=summary.study_name, from_storage=storage, to_storage=storage,
+                              to_study_name=f"{new}{summary.study_name[len(old):]}")
+            optuna.delete_study(study_name=summary.study_name, storage=storage)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on an experiment folder (flock on the directory itself: nothing is written to take it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Experiment:
     """One experiment folder: ``config.yaml``, ``splits.json``, ``optuna.db`` (default storage), ``runs/``, the report."""
 
@@ -272,7 +421,7 @@ class Experiment:
         C.check_keys(cfg)
         check_numbers(cfg)
         g = cfg["general"]
-        self.folder = Path(g["experiment_folder"]) / name
+        self.folder = Path(g["experiment_folder"]) / check_name(name)
         self.storage_url = g.get("storage") or f"sqlite:///{(self.folder / 'optuna.db').resolve()}"
         self.methods: List[str] = [registry.canonical_name("method", m) for m in g["methods"]]
         for m in (cfg.get(METHOD_OVERRIDES) or {}):  # a data-set preset may set values for methods not compared
@@ -310,20 +459,26 @@ class Experiment:
         return C.resolve(mcfg) if self.search_mode == "none" else mcfg
 
     def restart(self) -> Optional[Path]:
-        """``--restart``: move the experiment folder to ``<name>.backup-<time>`` and, in a storage outside it, copy its
-        studies under the backup's name before deleting them. Returns the backup folder (None: nothing to keep)."""
+        """``--restart``: move the experiment folder to ``<name>.backup-<time>`` and rename its studies (in the storage
+        in the folder, or in a shared one) to the backup's name, so that the backup stays a complete experiment that
+        ``--evaluate`` opens. Only this experiment's own folder and studies (``<name>.<method>.<part>`` exactly) are
+        touched. Returns the backup folder (None: nothing to keep)."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         backup = self.folder.with_name(f"{self.folder.name}.backup-{stamp}")
         if self.cfg["general"].get("storage"):
-            names = [s.study_name for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False)
-                     if s.study_name.startswith(f"{self.name}.")]
-            for study_name in names:
-                optuna.copy_study(from_study_name=study_name, from_storage=self.storage, to_storage=self.storage,
-                                  to_study_name=f"{backup.name}{study_name[len(self.name):]}")
-                optuna.delete_study(study_name=study_name, storage=self.storage)
+            _rename_studies(self.storage, self.name, backup.name)
         if not self.folder.exists():
             return None
         self.folder.rename(backup)
+        db = backup / "optuna.db"
+        if not self.cfg["general"].get("storage") and db.is_file():
+            _rename_studies(open_storage(f"sqlite:///{db.resolve()}", 5), self.name, backup.name)
+        info = backup / "experiment.json"
+        if info.is_file():
+            try:
+                atomic_write_json(info, {**read_json(info), "name": backup.name})
+            except ValueError:  # a damaged experiment.json: the backup keeps it as it was
+                pass
         return backup
 
     def _validate(self, mcfg: Dict[str, Any], method: str) -> None:
@@ -429,35 +584,56 @@ class Experiment:
 
     def _claim_folder(self, dataset, split) -> None:
         """Refuse a folder that holds another configuration's results (nothing is written then); else write
-        ``config.yaml``, ``splits.json`` and ``experiment.json`` (fingerprint, versions)."""
+        ``config.yaml``, ``splits.json`` and ``experiment.json`` (fingerprint, versions). Atomic: a new folder is
+        written under a temporary name and renamed into place, so of two workers starting one experiment with
+        different configurations one owns the folder and the other is refused without writing anything; an existing
+        folder is checked and updated under a lock."""
         fp = self.fingerprint(dataset)
         self.fingerprint_hash = stable_hash(fp["shared"])
-        path = self.folder / "experiment.json"
-        old = read_json(path) if path.is_file() else None
-        if old is not None:
-            before = old.get("fingerprint")
-            if before is None:
-                raise C.ConfigError(f"{self.folder} was made by an older version of this benchmark without a "
-                                    f"fingerprint: use a new --experiment_name, or --restart to start it over "
-                                    f"(the old folder is kept as a backup)")
-            diffs = fingerprint_diff(before, fp)
-            if diffs:
-                shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-                raise C.ConfigError(f"experiment {self.name!r} was run with another configuration ({shown}): use a new "
-                                    f"--experiment_name, or add --restart to start it over (the old folder is kept as "
-                                    f"a backup)")
-            fp["methods"] = {**before["methods"], **fp["methods"]}
-        split_path = self.folder / "splits.json"
-        if split_path.is_file() and read_json(split_path) != split.to_dict():
-            raise C.ConfigError(f"{split_path} holds other splits than this config makes (another data set or options?); "
-                                f"use a new --experiment_name, or add --restart to start the experiment over")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        C.dump(self.cfg, self.folder / "config.yaml")
-        if not split_path.is_file():
-            split.save(split_path)
+        if not self.folder.exists():
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.claim-", dir=self.folder.parent))
+            try:
+                self._write_identity(tmp, fp, split, write_splits=True)
+                os.rename(tmp, self.folder)  # fails when another worker's folder is there first
+                return
+            except OSError:
+                if not self.folder.is_dir():
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        with _folder_lock(self.folder):
+            path = self.folder / "experiment.json"
+            old = read_json_checked(path, "move it away, or --restart to start the experiment over") \
+                if path.is_file() else None
+            if old is not None:
+                before = old.get("fingerprint")
+                if before is None:
+                    raise C.ConfigError(f"{self.folder} was made by an older version of this benchmark without a "
+                                        f"fingerprint: use a new --experiment_name, or --restart to start it over "
+                                        f"(the old folder is kept as a backup)")
+                diffs = fingerprint_diff(before, fp)
+                if diffs:
+                    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+                    raise C.ConfigError(f"experiment {self.name!r} was run with another configuration ({shown}): use "
+                                        f"a new --experiment_name, or add --restart to start it over (the old folder "
+                                        f"is kept as a backup)")
+                fp["methods"] = {**before["methods"], **fp["methods"]}
+            split_path = self.folder / "splits.json"
+            if split_path.is_file() and read_json_checked(split_path, "--restart to start the experiment over") \
+                    != split.to_dict():
+                raise C.ConfigError(f"{split_path} holds other splits than this config makes (another data set or "
+                                    f"options?); use a new --experiment_name, or add --restart to start the "
+                                    f"experiment over")
+            self._write_identity(self.folder, fp, split, write_splits=not split_path.is_file())
+
+    def _write_identity(self, folder: Path, fp: Dict[str, Any], split, write_splits: bool) -> None:
         import optuna as _optuna
         import pytorch_metric_learning
-        atomic_write_json(path, {
+        C.dump(self.cfg, folder / "config.yaml")
+        if write_splits:
+            split.save(folder / "splits.json")
+        atomic_write_json(folder / "experiment.json", {
             "name": self.name, "dataset": self.cfg["dataset"]["name"], "loss": registry.split_spec(self.cfg["loss"])[0],
             "methods": self.methods, "reference": self.reference,
             "storage": self.storage_url if not self.cfg["general"].get("storage") else "(given)",
@@ -488,8 +664,12 @@ class Experiment:
         search = self.cfg.get("search", {})
         pruner = optuna.pruners.MedianPruner(n_startup_trials=int(search.get("pruner_startup_trials", 3))) \
             if g.get("pruner", "none") == "median" else optuna.pruners.NopPruner()
-        study = optuna.create_study(study_name=f"{self.name}.{method}.{part}", storage=self.storage,
-                                    direction="maximize", sampler=self.sampler(0), pruner=pruner, load_if_exists=True)
+        try:
+            study = optuna.create_study(study_name=study_name(self.name, method, part), storage=self.storage,
+                                        direction="maximize", sampler=self.sampler(0), pruner=pruner,
+                                        load_if_exists=True)
+        except (optuna.exceptions.StorageInternalError, _db_errors()) as exc:
+            raise damaged_storage(self.storage_url, exc) from None
         # workers sharing a storage must run the same configuration
         mine = stable_hash({"shared": self.fingerprint_hash, "method": self._method_fingerprint(method)})
         theirs = study.user_attrs.get("fingerprint")
