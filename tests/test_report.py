@@ -85,7 +85,7 @@ def test_write_report_csv_md_tex(tmp_path):
     # markdown: written file equals returned text; a row per method; best (gsp, 90.00/92.00) in bold without interval
     assert (tmp_path / "report.md").read_text() == md
     assert "Budget: 50 trials." in md
-    main_table = md.split("Paired differences")[0]
+    main_table = md.split("\n## cub\n")[1].split("Paired differences")[0]
     method_lines = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
     assert [line.split("|")[1].strip() for line in method_lines] == ["baseline", "xml", "gsp"]
     # bold exactly where the paired interval (recomputed here with scipy) lies above 0: xml everywhere (+3 points,

@@ -1,8 +1,9 @@
-"""Report tables of the fair-comparison protocol (docs/methods.md, the protocol).
+"""Report tables of the fair-comparison protocol (docs/methods.md, the protocol; docs/protocol.md).
 
 Each reproduction gives one value per (embedding, metric); the report shows their mean and the
-half-width of the 95% Student-t confidence interval, as csv (exact numbers), markdown (read) and
-LaTeX (papers). `compare` puts several experiments side by side in the shape of the XML paper's table.
+half-width of the 95% Student-t confidence interval, the paired verdicts (statistics in `verdicts`),
+as csv (exact numbers), markdown (read) and LaTeX (papers). `compare` puts several experiments side by side
+in the shape of the XML paper's table.
 """
 from __future__ import annotations
 
@@ -13,19 +14,22 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 from ..config import ConfigError
 from ..engine.io import atomic_write_text, read_json
+from . import verdicts as V
+from .verdicts import BETTER, EQUAL_BUDGET, EQUAL_PARAMS, NO_DIFFERENCE, OVER_SEARCHES, PRIMARY, WORSE  # noqa: F401
 
 METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 EMBEDDINGS = ("separate", "concatenated")
-CSV_COLUMNS = ("dataset", "method", "embedding", "metric", "mean", "ci95", "n", "reference", "verdict")
-MEAN_COLUMNS = CSV_COLUMNS[:7]
+VERDICT_COLUMNS = ("dataset", "method", "embedding", "metric", "mean", "ci95", "n", "reference", "verdict")
+MEAN_COLUMNS = VERDICT_COLUMNS[:7]
+CSV_COLUMNS = VERDICT_COLUMNS + ("comparison", "search", "endpoint", "p_value", "p_adjusted", "boot_low", "boot_high",
+                                 "boot_resamples")
 REPRODUCTION_COLUMNS = ("dataset", "method", "reproduction", "seed", "fold", "embedding", "metric", "value")
 BASELINE = "baseline"
 MISSING = "–"  # shown in a cell that no experiment filled
-BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no difference detected"
+HOLM_MARK = "†"  # after a verdict decided by a Holm-adjusted p-value
 
 METRIC_LABELS = {"precision_at_1": "P@1", "r_precision": "RP", "mean_average_precision_at_r": "MAP@R"}
 EMBEDDING_LABELS = {"separate": "Sep.", "concatenated": "Concat."}
@@ -33,14 +37,7 @@ EMBEDDING_LABELS = {"separate": "Sep.", "concatenated": "Concat."}
 
 # ----------------------------------------------------------------------------- aggregation
 
-def confidence_interval(values: Sequence[float], level: float = 0.95) -> float:
-    """Half-width of the Student-t interval: t_{(1+level)/2, n-1} * std(ddof=1) / sqrt(n); NaN when n < 2."""
-    values = np.asarray(values, dtype=np.float64)
-    n = values.size
-    if n < 2:
-        return math.nan
-    t = stats.t.ppf(0.5 + level / 2, df=n - 1)
-    return float(t * values.std(ddof=1) / math.sqrt(n))
+confidence_interval = V.t_half_width  # half-width of the Student-t interval (verdicts.t_half_width)
 
 
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -72,32 +69,19 @@ def summarize(records: Iterable[Mapping]) -> list[dict]:
     return rows
 
 
-def paired_differences(records: Iterable[Mapping], reference: str, level: float = 0.95) -> list[dict]:
-    """Per (dataset, method != reference, embedding, metric): the mean of ``value - reference value`` over the
-    reproductions paired by ``seed``, the half-width of its paired Student-t interval and a verdict: ``better``
-    (the interval lies above 0), ``worse`` (below 0) or ``no difference detected``. Seeds that only one of the two
-    methods has (a failed reproduction) are left out of the pair."""
-    values: dict[tuple, dict] = {}
-    for r in records:
-        values.setdefault((r["dataset"], r["method"], r["embedding"], r["metric"]), {})[r["seed"]] = float(r["value"])
-    out = []
-    for (dataset, method, emb, metric), by_seed in values.items():
-        ref = values.get((dataset, reference, emb, metric))
-        if method == reference or ref is None:
-            continue
-        seeds = sorted(set(by_seed) & set(ref))
-        d = np.array([by_seed[s] - ref[s] for s in seeds], dtype=np.float64)
-        if d.size == 0:
-            continue
-        ci = confidence_interval(d, level)
-        mean = float(d.mean())
-        verdict = NO_DIFFERENCE if math.isnan(ci) else BETTER if mean - ci > 0 else WORSE if mean + ci < 0 \
-            else NO_DIFFERENCE
-        out.append(dict(dataset=dataset, method=method, embedding=emb, metric=metric, mean=mean, ci95=ci,
-                        n=int(d.size), reference=reference, verdict=verdict))
-    order = summarize([dict(r, value=0.0) for r in out])  # the report's order
-    rank = {(r["dataset"], r["method"], r["embedding"], r["metric"]): i for i, r in enumerate(order)}
-    return sorted(out, key=lambda r: rank[(r["dataset"], r["method"], r["embedding"], r["metric"])])
+def _report_rank(rows: Sequence[Mapping]) -> dict:
+    """(dataset, method, embedding, metric) -> position in the report's order (that of `summarize`)."""
+    order = summarize([dict(r, value=0.0) for r in rows])
+    return {(r["dataset"], r["method"], r["embedding"], r["metric"]): i for i, r in enumerate(order)}
+
+
+def paired_differences(records: Iterable[Mapping], reference: str, level: float = 0.95, primary: Mapping = PRIMARY,
+                       comparison: str = EQUAL_BUDGET) -> list[dict]:
+    """`verdicts.paired_differences` (paired t per cell, Holm over each method's cells) in the report's order."""
+    out = V.paired_differences(records, reference, level, primary, comparison)
+    rank = _report_rank(out)
+    return sorted(out, key=lambda r: (r.get("search") is not None, r.get("search") or 0,
+                                      rank[(r["dataset"], r["method"], r["embedding"], r["metric"])]))
 
 
 # ----------------------------------------------------------------------------- csv
@@ -107,13 +91,21 @@ def _csv_number(x: float) -> str:
 
 
 def rows_to_csv(rows: Iterable[Mapping]) -> str:
+    """CSV_COLUMNS: the means (``reference`` empty), then paired rows (``comparison``: ``equal_budget``,
+    ``equal_params`` or ``over_searches``; ``verdict``: the seed interval's, before Holm)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in rows:
+        paired = bool(r.get("reference"))
         writer.writerow([r["dataset"], r["method"], r["embedding"], r["metric"],
-                         _csv_number(r["mean"]), _csv_number(r["ci95"]), int(r["n"]),
-                         r.get("reference") or "", r.get("verdict") or ""])
+                         _csv_number(r["mean"]), _csv_number(r.get("ci95")), int(r["n"]),
+                         r.get("reference") or "", r.get("verdict") or "",
+                         (r.get("comparison") or EQUAL_BUDGET) if paired else "",
+                         "" if r.get("search") is None else r["search"], r.get("endpoint") or "",
+                         _csv_number(r.get("p_value")), _csv_number(r.get("p_adjusted")),
+                         _csv_number(r.get("boot_low")), _csv_number(r.get("boot_high")),
+                         "" if r.get("boot_resamples") is None else int(r["boot_resamples"])])
     return out.getvalue()
 
 
@@ -129,23 +121,37 @@ def reproductions_to_csv(records: Iterable[Mapping]) -> str:
     return out.getvalue()
 
 
+def _float(text: str) -> float:
+    return float(text) if text else math.nan
+
+
 def read_report_csv(path) -> list[dict]:
-    """The rows of a report.csv written by `write_report` (empty ci95 -> NaN): the means, then the paired
-    differences (rows whose ``reference`` is set). Files of the earlier 7-column format read as means only."""
+    """The rows of a report.csv written by `write_report` (empty numbers -> NaN): the means, then the paired rows
+    (``reference`` set). Files of the earlier 9-column (no comparison, p-values, bootstrap) and 7-column (means only)
+    formats read with those columns unset (``endpoint`` None: their verdicts are the intervals')."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the experiment must finish its reproductions "
                                 f"(which write report.csv) before it can be reported or compared")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) not in (CSV_COLUMNS, MEAN_COLUMNS):
+        if tuple(reader.fieldnames or ()) not in (CSV_COLUMNS, VERDICT_COLUMNS, MEAN_COLUMNS):
             raise ConfigError(f"{path}: columns {reader.fieldnames} are not {list(CSV_COLUMNS)}: not a report.csv of "
                               f"this benchmark")
-        return [dict(dataset=r["dataset"], method=r["method"], embedding=r["embedding"], metric=r["metric"],
-                     mean=float(r["mean"]) if r["mean"] else math.nan,
-                     ci95=float(r["ci95"]) if r["ci95"] else math.nan, n=int(r["n"]),
-                     reference=r.get("reference") or "", verdict=r.get("verdict") or "")
-                for r in reader]
+        out = []
+        for r in reader:
+            reference = r.get("reference") or ""
+            search = r.get("search") or ""
+            out.append(dict(dataset=r["dataset"], method=r["method"], embedding=r["embedding"], metric=r["metric"],
+                            mean=_float(r["mean"]), ci95=_float(r["ci95"]), n=int(r["n"]), reference=reference,
+                            verdict=r.get("verdict") or "",
+                            comparison=r.get("comparison") or (EQUAL_BUDGET if reference else ""),
+                            search=int(search) if search.lstrip("-").isdigit() else (search or None),
+                            endpoint=r.get("endpoint") or None,
+                            p_value=_float(r.get("p_value")), p_adjusted=_float(r.get("p_adjusted")),
+                            boot_low=_float(r.get("boot_low")), boot_high=_float(r.get("boot_high")),
+                            boot_resamples=int(r["boot_resamples"]) if r.get("boot_resamples") else None))
+        return out
 
 
 # ----------------------------------------------------------------------------- tables
@@ -237,9 +243,22 @@ def _columns(rows: Sequence[Mapping], with_dataset: bool) -> list[tuple]:
 
 
 def _better_cells(diffs: Iterable[Mapping], with_dataset: bool) -> frozenset:
-    """(method, column) of every paired difference whose verdict is ``better``."""
-    return frozenset((d["method"], ((d["dataset"],) if with_dataset else ()) + (d["metric"], d["embedding"]))
-                     for d in diffs if d.get("verdict") == BETTER)
+    """(method, column) of every cell that the report calls ``better`` (verdicts.shown_verdict): by the verdict over
+    searches where the cell has one, else by its equal-budget rows (every search's). Attribution rows
+    (``equal_params``) do not make a cell bold."""
+    by_cell: dict = {}
+    for d in diffs:
+        comparison = d.get("comparison") or EQUAL_BUDGET
+        if comparison == EQUAL_PARAMS:
+            continue
+        cell = (d["method"], ((d["dataset"],) if with_dataset else ()) + (d["metric"], d["embedding"]))
+        by_cell.setdefault(cell, {}).setdefault(comparison, []).append(V.shown_verdict(d))
+    out = set()
+    for cell, by_comparison in by_cell.items():
+        words = by_comparison.get(OVER_SEARCHES) or by_comparison.get(EQUAL_BUDGET) or []
+        if words and all(w == BETTER for w in words):
+            out.add(cell)
+    return frozenset(out)
 
 
 def _tables(rows: Sequence[Mapping], bold: frozenset) -> tuple[list[str], list[str]]:
@@ -256,76 +275,199 @@ def _tables(rows: Sequence[Mapping], bold: frozenset) -> tuple[list[str], list[s
     return md, tex
 
 
-def _difference_table(diffs: Sequence[Mapping]) -> str:
-    """Markdown: one row per (method, embedding), a column per metric, cells 'Δ ± ci (verdict)' in points."""
+def _points(x: float, sign: bool = True) -> str:
+    return MISSING if x is None or math.isnan(x) else f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
+
+
+def _verdict_text(d: Mapping) -> str:
+    """The shown verdict, marked when a Holm-adjusted p-value decided it."""
+    return V.shown_verdict(d) + (HOLM_MARK if d.get("endpoint") == V.SECONDARY else "")
+
+
+def _method_label(d: Mapping) -> str:
+    return d["method"] if d.get("search") is None else f"{d['method']} (search {d['search']})"
+
+
+def _difference_table(diffs: Sequence[Mapping], header: str) -> str:
+    """Markdown: one row per (method, search, embedding), a column per metric, cells 'Δ ± ci verdict' in points."""
     metrics = _order((d["metric"] for d in diffs), METRICS)
-    keys = list(dict.fromkeys((d["method"], d["embedding"]) for d in diffs))
-    cell = {(d["method"], d["embedding"], d["metric"]): d for d in diffs}
-    ref = diffs[0]["reference"]
-    lines = [f"| Method − {ref} | Embedding | " + " | ".join(_metric_label(m) for m in metrics) + " |",
+    keys = list(dict.fromkeys((_method_label(d), d["embedding"]) for d in diffs))
+    cell = {(_method_label(d), d["embedding"], d["metric"]): d for d in diffs}
+    lines = [f"| {header} | Embedding | " + " | ".join(_metric_label(m) for m in metrics) + " |",
              "|---|---|" + "---:|" * len(metrics)]
-    for method, emb in keys:
+    for label, emb in keys:
         cells = []
         for m in metrics:
-            d = cell.get((method, emb, m))
+            d = cell.get((label, emb, m))
             if d is None:
                 cells.append(MISSING)
                 continue
             ci = "" if math.isnan(d["ci95"]) else f" ± {100 * d['ci95']:.2f}"
-            text = f"{100 * d['mean']:+.2f}{ci} {d['verdict']}"
-            cells.append(f"**{text}**" if d["verdict"] == BETTER else text)
-        lines.append(f"| {method} | {_embedding_label(emb)} | " + " | ".join(cells) + " |")
+            text = f"{100 * d['mean']:+.2f}{ci} {_verdict_text(d)}"
+            cells.append(f"**{text}**" if V.shown_verdict(d) == BETTER else text)
+        lines.append(f"| {label} | {_embedding_label(emb)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _latex_differences(diffs: Sequence[Mapping]) -> str:
+def _latex_differences(diffs: Sequence[Mapping], header: str) -> str:
     metrics = _order((d["metric"] for d in diffs), METRICS)
-    keys = list(dict.fromkeys((d["method"], d["embedding"]) for d in diffs))
-    cell = {(d["method"], d["embedding"], d["metric"]): d for d in diffs}
+    keys = list(dict.fromkeys((_method_label(d), d["embedding"]) for d in diffs))
+    cell = {(_method_label(d), d["embedding"], d["metric"]): d for d in diffs}
     lines = [r"\begin{tabular}{ll" + "c" * len(metrics) + "}", r"\toprule",
-             rf"Method $-$ {latex_escape(diffs[0]['reference'])} & Emb. & "
+             rf"{latex_escape(header).replace('−', '$-$')} & Emb. & "
              + " & ".join(latex_escape(_metric_label(m)) for m in metrics) + r" \\", r"\midrule"]
-    for method, emb in keys:
+    for label, emb in keys:
         cells = []
         for m in metrics:
-            d = cell.get((method, emb, m))
+            d = cell.get((label, emb, m))
             if d is None:
                 cells.append("--")
                 continue
             ci = "" if math.isnan(d["ci95"]) else rf" $\pm$ {100 * d['ci95']:.2f}"
             text = f"{100 * d['mean']:+.2f}{ci}"
-            cells.append(rf"\textbf{{{text}}}" if d["verdict"] == BETTER else text)
-        lines.append(f"{latex_escape(method)} & {latex_escape(_embedding_label(emb))} & " + " & ".join(cells) + r" \\")
+            cells.append(rf"\textbf{{{text}}}" if V.shown_verdict(d) == BETTER else text)
+        lines.append(f"{latex_escape(label)} & {latex_escape(_embedding_label(emb))} & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
-def write_report(folder, rows: Sequence[Mapping], title: str, notes: str = "", diffs: Sequence[Mapping] = (),
-                 preface: str = "", reproductions: Sequence[Mapping] | None = None) -> str:
-    """Write report.csv (means, then paired differences), report.md, report.tex and, when ``reproductions`` is
-    given, reproductions.csv into `folder`; return the markdown.
+def _bootstrap_key(d: Mapping) -> tuple:
+    return d["dataset"], d["method"], d["embedding"], d["metric"], d["reference"], d.get("search")
 
-    One table per data set: a row per method, columns metric x embedding, cells 'mean ± ci95' in percent; a cell is
-    bold only where the paired difference with the reference method says ``better``. Recall@K gets a second table,
-    the paired differences a third. ``preface`` is printed above the tables (e.g. unequal budgets, in bold).
+
+def _with_bootstrap(diffs: Sequence[Mapping], bootstrap: Sequence[Mapping]) -> list[dict]:
+    """``diffs`` with the bootstrap rows' ``boot_low``, ``boot_high``, ``boot_resamples`` put into the equal-budget
+    row of the same cell (and search); a bootstrap row without such a row is added as its own paired row."""
+    out = [dict(d) for d in diffs]
+    at = {_bootstrap_key(d): i for i, d in enumerate(out) if (d.get("comparison") or EQUAL_BUDGET) == EQUAL_BUDGET}
+    for b in bootstrap:
+        boot = {k: b[k] for k in ("boot_low", "boot_high", "boot_resamples")}
+        if _bootstrap_key(b) in at:
+            out[at[_bootstrap_key(b)]].update(boot)
+        else:
+            out.append(dict(b, ci95=math.nan, verdict="", comparison=EQUAL_BUDGET))
+    return out
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{_points(low)}, {_points(high)}]"
+
+
+def _headline(diffs: Sequence[Mapping], over: Sequence[Mapping], primary: Mapping) -> str:
+    """Markdown: the primary endpoint's verdict per data set and method: the seed interval of each search, its
+    p-value, the test-class bootstrap interval, the verdict over searches (when there are several) and the verdict."""
+    is_primary = lambda d: V.is_primary(d, primary)
+    rows = [d for d in diffs if is_primary(d) and (d.get("comparison") or EQUAL_BUDGET) == EQUAL_BUDGET]
+    over = {(d["dataset"], d["method"], d["reference"]): d for d in over if is_primary(d)}
+    groups: dict = {}
+    for d in rows:
+        groups.setdefault((d["dataset"], d["method"], d["reference"]), []).append(d)
+    lines = ["| Data set | Comparison | Δ ± 95% seed interval | p | 95% test-class bootstrap | over searches | verdict |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for (dataset, method, reference), ds in groups.items():
+        seed = "; ".join(f"{_points(d['mean'])}" + ("" if math.isnan(d["ci95"]) else f" ± {100 * d['ci95']:.2f}")
+                         for d in ds)
+        p = "; ".join(MISSING if math.isnan(d.get("p_value", math.nan)) else f"{d['p_value']:.2g}" for d in ds)
+        boot = "; ".join(_interval(d["boot_low"], d["boot_high"]) + f" ({d['boot_resamples']} resamples)"
+                         if d.get("boot_resamples") else MISSING for d in ds)
+        o = over.get((dataset, method, reference))
+        if o is not None:
+            across = f"{_points(o['mean'])} ± {100 * o['ci95']:.2f} ({o['n']} searches)"
+            verdict = V.shown_verdict(o)
+        else:
+            across = "not covered (one search)" if len(ds) == 1 else "not computed"
+            verdict = " / ".join(V.shown_verdict(d) for d in ds)
+        lines.append(f"| {dataset} | {method} − {reference} | {seed} | {p} | {boot} | {across} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _holm_for(rows: Sequence[Mapping], comparison: str, primary: Mapping) -> list[dict]:
+    """``rows`` labelled ``comparison`` and, when every row has a ``p_value``, with Holm and the endpoints of
+    ``primary`` (verdicts.with_holm); rows without p-values keep their interval verdicts."""
+    rows = [dict(r, comparison=comparison if comparison != EQUAL_BUDGET else r.get("comparison") or EQUAL_BUDGET)
+            for r in rows]
+    return V.with_holm(rows, primary) if rows and all("p_value" in r for r in rows) else rows
+
+
+def write_report(folder, rows: Sequence[Mapping], title: str, notes: str = "", diffs: Sequence[Mapping] = (),
+                 preface: str = "", reproductions: Sequence[Mapping] | None = None, primary: Mapping = PRIMARY,
+                 attribution: Sequence[Mapping] = (), bootstrap: Sequence[Mapping] = (),
+                 over_searches: Sequence[Mapping] = ()) -> str:
+    """Write report.csv (means, then paired rows), report.md, report.tex and, when ``reproductions`` is given,
+    reproductions.csv into `folder`; return the markdown.
+
+    ``diffs``: `paired_differences` rows (the methods' own searches, ``equal_budget``; with a ``search`` key when
+    there are several); ``attribution``: the same for "M − R at M's parameters" (``equal_params``);
+    ``bootstrap``: `verdicts.bootstrap_rows`; ``over_searches``: `verdicts.over_searches_rows`; ``primary``: the
+    primary endpoint (``report.primary``).
+
+    At the top, the primary endpoint's verdict per data set and method. Then one table per data set: a row per
+    method, columns metric x embedding, cells 'mean ± ci95' in percent, bold only where the report's verdict
+    (verdicts.shown_verdict) says ``better``; Recall@K gets a second table, the paired differences a third, the
+    attribution and the verdicts over searches their own. ``preface`` is printed above the tables (e.g. unequal
+    budgets, in bold).
     """
     folder = Path(folder)
-    rows, diffs = list(rows), list(diffs)
+    primary = V.parse_primary(primary)
+    rows = list(rows)
+    diffs = _with_bootstrap(_holm_for(diffs, EQUAL_BUDGET, primary), bootstrap)
+    attribution = _holm_for(attribution, EQUAL_PARAMS, primary)
+    over_searches = _holm_for(over_searches, OVER_SEARCHES, primary)
+    paired = diffs + attribution + over_searches
     md_parts, tex_parts = [f"# {title}\n"], [f"% {title}\n"]
     if preface:
         md_parts.append("\n" + preface.rstrip("\n") + "\n")
+    primary_label = f"{_metric_label(primary['metric'])} {_embedding_label(primary['embedding'])}"
+    if any(V.is_primary(d, primary) for d in diffs):
+        searches = {d.get("search") for d in diffs}
+        md_parts.append(f"\n## Primary endpoint: {primary_label}\n\n"
+                        f"The headline verdict (`report.primary`: `{primary['metric']}` of the `{primary['embedding']}` "
+                        f"embedding), in points. Seed interval: the 95% paired-t interval over the reproductions; "
+                        f"test-class bootstrap: the 95% percentile interval of the difference with the test classes "
+                        f"resampled; over searches: the mean of the searches' mean differences and its 95% t-interval "
+                        f"over the searches (docs/protocol.md, \"What each interval covers\").\n\n"
+                        + _headline(diffs, over_searches, primary))
+        if len(searches) == 1 and not over_searches:
+            md_parts.append("\nOne search per method: the verdict covers the reproductions' seeds, not the search's "
+                            "own randomness (`general.searches: 1`).\n")
     datasets = _order((r["dataset"] for r in rows), ())
     for dataset in datasets:
         sub = [r for r in rows if r["dataset"] == dataset]
-        sub_diffs = [d for d in diffs if d["dataset"] == dataset]
-        md, tex = _tables(sub, _better_cells(sub_diffs, with_dataset=False))
+        sub_paired = [d for d in paired if d["dataset"] == dataset]
+        md, tex = _tables(sub, _better_cells(sub_paired, with_dataset=False))
         md_parts.append(f"\n## {dataset}\n\n" + "\n".join(md))
         tex_parts.append(f"% {dataset}\n" + "".join(tex))
+        sub_diffs = [d for d in diffs if d["dataset"] == dataset]
+        holm = any(d.get("endpoint") == V.SECONDARY for d in sub_paired)
         if sub_diffs:
-            md_parts.append(f"\nPaired differences with `{sub_diffs[0]['reference']}` (same seed, splits, batches "
+            ref = sub_diffs[0]["reference"]
+            md_parts.append(f"\nPaired differences with `{ref}` (same seed, splits, batches "
                             f"and views per reproduction), in points: mean ± half-width of the 95% paired-t interval; "
-                            f"*better*/*worse* when the interval excludes 0.\n\n" + _difference_table(sub_diffs))
-            tex_parts.append(f"% {dataset}: paired differences\n" + _latex_differences(sub_diffs))
+                            f"*better*/*worse* when the interval excludes 0.\n\n"
+                            + _difference_table(sub_diffs, f"Method − {ref}"))
+            tex_parts.append(f"% {dataset}: paired differences\n" + _latex_differences(sub_diffs, f"Method − {ref}"))
+        sub_attr = [d for d in attribution if d["dataset"] == dataset]
+        if sub_attr:
+            ref = sub_attr[0]["reference"]
+            header = f"Method − {ref} at the method's parameters"
+            md_parts.append(f"\nAttribution: each method against `{ref}` reproduced at the method's best values of "
+                            f"the keys they share (same seeds and views), in points: the component's own effect at "
+                            f"equal loss parameters, beside the effect under an equal budget above.\n\n"
+                            + _difference_table(sub_attr, header))
+            tex_parts.append(f"% {dataset}: attribution (equal parameters)\n" + _latex_differences(sub_attr, header))
+        sub_over = [d for d in over_searches if d["dataset"] == dataset]
+        if sub_over:
+            ref = sub_over[0]["reference"]
+            header = f"Method − {ref} over searches"
+            md_parts.append(f"\nVerdicts over searches: the mean of the {sub_over[0]['n']} searches' mean paired "
+                            f"differences and its 95% t-interval over the searches (it contains the search's own "
+                            f"noise), in points.\n\n" + _difference_table(sub_over, header))
+            tex_parts.append(f"% {dataset}: over searches\n" + _latex_differences(sub_over, header))
+        if holm:
+            md_parts.append(f"\nThe primary endpoint ({primary_label}) is judged by its own interval; verdicts of the "
+                            f"secondary cells use Holm-adjusted p-values ({HOLM_MARK}: *better*/*worse* when the "
+                            f"p-value adjusted over the method's cells is below 0.05), so a secondary cell whose "
+                            f"interval excludes 0 may read *no difference detected*.\n")
     if not datasets:
         md_parts.append("\n(no results)\n")
     md_parts.append("\nCells: mean ± half-width of the 95% confidence interval over the reproductions, in percent; "
@@ -335,7 +477,7 @@ def write_report(folder, rows: Sequence[Mapping], title: str, notes: str = "", d
     markdown = "".join(md_parts)
     if reproductions is not None:
         atomic_write_text(folder / "reproductions.csv", reproductions_to_csv(reproductions))
-    atomic_write_text(folder / "report.csv", rows_to_csv(rows + diffs))
+    atomic_write_text(folder / "report.csv", rows_to_csv(rows + paired))
     atomic_write_text(folder / "report.md", markdown)
     atomic_write_text(folder / "report.tex", "".join(tex_parts))
     return markdown
@@ -372,8 +514,8 @@ def compare(folders: Sequence, names: Sequence[str] | None = None,
         loss = names[i] if names is not None else None
         if loss is None and (folder / "experiment.json").is_file():
             loss = read_json(folder / "experiment.json").get("loss")
-        bold |= {(_row_label(d["method"], loss, labels), (d["dataset"], d["metric"], d["embedding"]))
-                 for d in rows if d["reference"] and d["verdict"] == BETTER}
+        bold |= {(_row_label(method, loss, labels), column)
+                 for method, column in _better_cells([r for r in rows if r["reference"]], with_dataset=True)}
         for r in rows:
             if r["reference"]:
                 continue
