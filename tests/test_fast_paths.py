@@ -48,10 +48,11 @@ def test_gmp_and_soft_xml_take_the_plain_path():
     assert soft.pool_linear(x, w) is None  # its histogram has a gradient through every location
 
 
+@pytest.mark.parametrize("rule", ["inner_product", "nearest"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_hard_xml_histograms_embeddings_and_prototypes_match_the_plain_path(bias):
+def test_hard_xml_histograms_embeddings_and_prototypes_match_the_plain_path(bias, rule):
     torch.manual_seed(1)
-    fast = _model(PrototypePooling(8, num_prototypes=6, forgetting=0.9), bias)
+    fast = _model(PrototypePooling(8, num_prototypes=6, forgetting=0.9, assignment_rule=rule), bias)
     slow = copy.deepcopy(fast)
     fast.train()
     slow.train()
@@ -62,15 +63,20 @@ def test_hard_xml_histograms_embeddings_and_prototypes_match_the_plain_path(bias
         torch.manual_seed(100 + step)
         b = _plain(slow, x)
         torch.testing.assert_close(a.embedding, b.embedding, atol=1e-5, rtol=1e-5)
-        assert torch.equal(a.histogram, b.histogram), step  # the nearest prototypes are the same locations
+        assert torch.equal(a.histogram, b.histogram), step  # the chosen prototypes are the same locations
         torch.testing.assert_close(fast.pooling.prototypes, slow.pooling.prototypes, atol=1e-4, rtol=1e-4)
-    # the histogram is a count of nearest prototypes, recomputed here by brute force
+    # the histogram is a count of chosen prototypes, recomputed here by brute force: the largest inner product with
+    # the features scaled into the unit ball (per image, by the largest norm), or the nearest prototype
     x = torch.randn(3, 24, 2, 2)
     fast.eval()
     out = fast(x, from_cache=True)
     local = torch.einsum("dc,bchw->bhwd", fast.embedder.proj.weight.flatten(1), x).reshape(3, 4, 8)
     if bias:
         local = local + fast.embedder.proj.bias
-    d2 = ((local[:, :, None, :] - fast.pooling.prototypes[None, None]) ** 2).sum(-1)  # [B, n, m]
-    expect = torch.nn.functional.one_hot(d2.argmin(-1), 6).float().mean(1)
+    if rule == "inner_product":
+        scaled = local / local.norm(dim=-1).amax(dim=1)[:, None, None]
+        chosen = (scaled[:, :, None, :] * fast.pooling.prototypes[None, None]).sum(-1).argmax(-1)  # [B, n]
+    else:
+        chosen = ((local[:, :, None, :] - fast.pooling.prototypes[None, None]) ** 2).sum(-1).argmin(-1)  # [B, n]
+    expect = torch.nn.functional.one_hot(chosen, 6).float().mean(1)
     assert torch.equal(out.histogram, expect)

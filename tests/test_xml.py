@@ -1,5 +1,8 @@
 """XML: prototype pooling (histogram operator, RLS prototypes) and the cross-batch loss wrapper (docs/methods.md, XML)."""
 import copy
+import math
+
+import numpy as np
 
 import pytest
 import torch
@@ -10,8 +13,8 @@ from xml_plugin.losses import cross_batch
 from xml_plugin.losses.cross_batch import CrossBatchMetricLoss, class_halves
 from xml_plugin.losses.ridge import ridge_fit_predict
 from xml_plugin.models.pooling import GlobalAveragePooling
-from xml_plugin.models.xml_pooling import (PrototypePooling, kcenter_seeds, kmeans_pp_seeds, prototype_histogram,
-                                           rls_update)
+from xml_plugin.models.xml_pooling import (PrototypePooling, RecursionState, kcenter_seeds, kmeans_pp_seeds,
+                                           prototype_histogram, rls_update, unit_ball)
 
 
 def _clustered_maps(num_images=24, clusters=12, n_side=4, noise=0.05, seed=0):
@@ -27,9 +30,27 @@ def _clustered_maps(num_images=24, clusters=12, n_side=4, noise=0.05, seed=0):
 # ---------------------------------------------------------------------------------------------
 # histogram operator, embedding
 
-def test_hard_histogram_rows_in_simplex_with_multiples_of_one_over_n():
+def _brute_force_choice(local, prototypes, rule):
+    """Per image and location, the chosen prototype by loops: the largest ``w_k . x~`` with ``x~`` the image's features
+    divided by their largest norm (``inner_product``), or the smallest ``||f - w_k||`` (``nearest``). [B, n] ints."""
+    b, n, _ = local.shape
+    chosen = torch.zeros(b, n, dtype=torch.long)
+    for i in range(b):
+        radius = max(float(local[i, j].double().norm()) for j in range(n))
+        for j in range(n):
+            x = local[i, j].double()
+            if rule == "inner_product":
+                scores = [float(prototypes[k].double() @ (x / radius)) for k in range(len(prototypes))]
+            else:
+                scores = [-float((x - prototypes[k].double()).norm()) for k in range(len(prototypes))]
+            chosen[i, j] = max(range(len(scores)), key=lambda k: (scores[k], -k))  # ties: the lowest index
+    return chosen
+
+
+@pytest.mark.parametrize("rule", ["inner_product", "nearest"])
+def test_hard_histogram_rows_in_simplex_with_multiples_of_one_over_n(rule):
     torch.manual_seed(0)
-    pool = PrototypePooling(6, num_prototypes=10).train()
+    pool = PrototypePooling(6, num_prototypes=10, assignment_rule=rule).train()
     fmap = torch.randn(5, 6, 3, 4)  # n = 12
     out = pool(fmap)
     h = out.histogram
@@ -38,14 +59,76 @@ def test_hard_histogram_rows_in_simplex_with_multiples_of_one_over_n():
     assert torch.allclose(h.sum(1), torch.ones(5))
     counts = h * 12
     assert torch.allclose(counts, counts.round(), atol=1e-5)
-    # the counts are the nearest-prototype counts, checked by brute force
+    # the counts are the chosen-prototype counts, checked by brute force (the prototypes were updated by the call:
+    # recompute in eval mode with the current ones)
     local = fmap.flatten(2).transpose(1, 2)  # [B, n, d]
-    w = pool.prototypes  # already updated after the call: recompute with eval mode below
     pool.eval()
     h_eval = pool(fmap).histogram
-    nearest = torch.cdist(local, w[None].expand(5, -1, -1)).argmin(-1)  # [B, n]
-    expected = torch.stack([torch.bincount(r, minlength=10) for r in nearest]).float() / 12
+    chosen = _brute_force_choice(local, pool.prototypes, rule)
+    expected = torch.stack([torch.bincount(r, minlength=10) for r in chosen]).float() / 12
     assert torch.equal(h_eval, expected)
+    assert torch.equal(prototype_histogram(local, pool.prototypes, assignment_rule=rule), expected)
+
+
+def test_default_rule_is_the_appendix_inner_product():
+    assert PrototypePooling(4).assignment_rule == "inner_product"
+    torch.manual_seed(0)
+    local, w = torch.randn(3, 9, 4), torch.randn(5, 4) * torch.tensor([[1.0], [3.0], [0.5], [2.0], [1.0]])
+    assert torch.equal(prototype_histogram(local, w),
+                       prototype_histogram(local, w, assignment_rule="inner_product"))
+
+
+def test_rules_agree_when_all_prototypes_have_the_same_norm_and_differ_otherwise():
+    torch.manual_seed(0)
+    local = torch.randn(4, 16, 3) * 2.0
+    w = torch.nn.functional.normalize(torch.randn(8, 3), dim=1) * 1.7  # equal norms: argmin ||f - w|| = argmax w.f
+    assert torch.equal(prototype_histogram(local, w, assignment_rule="inner_product"),
+                       prototype_histogram(local, w, assignment_rule="nearest"))
+    w_unequal = w * torch.linspace(0.2, 3.0, 8)[:, None]
+    assert not torch.equal(prototype_histogram(local, w_unequal, assignment_rule="inner_product"),
+                           prototype_histogram(local, w_unequal, assignment_rule="nearest"))
+
+
+def test_unit_ball_is_a_per_image_scaling_onto_the_unit_ball():
+    torch.manual_seed(0)
+    local = torch.randn(3, 7, 4) * torch.tensor([0.1, 5.0, 30.0])[:, None, None]
+    local[2] = 0.0  # an all-zero image stays at 0
+    mapped = unit_ball(local)
+    norms = mapped.norm(dim=-1)
+    assert torch.allclose(norms[:2].amax(dim=1), torch.ones(2)) and torch.all(norms <= 1 + 1e-6)
+    assert torch.equal(mapped[2], torch.zeros(7, 4))
+    for i in range(2):  # relative distances kept: every pairwise distance divided by the same factor
+        ratio = torch.cdist(mapped[i], mapped[i]) / torch.cdist(local[i], local[i]).clamp_min(1e-12)
+        off = ~torch.eye(7, dtype=torch.bool)
+        assert torch.allclose(ratio[off], torch.full((42,), 1.0 / float(local[i].norm(dim=1).max())), rtol=1e-5)
+
+
+def test_soft_inner_product_is_a_softmax_of_unit_ball_inner_products():
+    torch.manual_seed(0)
+    local, w, tau = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), 0.3
+    got = prototype_histogram(local, w, "soft", tau, assignment_rule="inner_product")
+    expected = torch.zeros(2, 4, dtype=torch.float64)
+    for i in range(2):
+        radius = max(float(local[i, j].norm()) for j in range(5))
+        for j in range(5):
+            s = [float(w[k] @ local[i, j]) / radius / tau for k in range(4)]
+            e = [math.exp(v - max(s)) for v in s]
+            for k in range(4):
+                expected[i, k] += e[k] / sum(e) / 5
+    assert torch.allclose(got, expected, atol=1e-12)
+    cold = prototype_histogram(local, w, "soft", 1e-6, assignment_rule="inner_product")  # tends to the hard rule
+    assert torch.allclose(cold, prototype_histogram(local, w, assignment_rule="inner_product"), atol=1e-6)
+
+
+def test_inner_product_never_chooses_a_prototype_inside_the_hull_of_the_others():
+    # the argmax of a linear function over a finite set lies on a vertex of its convex hull: the centre prototype
+    # (inside the square of the other four) is never chosen by the inner product, often by the nearest rule
+    w = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0], [0.0, 0.0]])
+    torch.manual_seed(0)
+    local = torch.randn(20, 9, 2) * 0.5
+    inner = prototype_histogram(local, w, assignment_rule="inner_product")
+    nearest = prototype_histogram(local, w, assignment_rule="nearest")
+    assert float(inner[:, 4].sum()) == 0.0 and float(nearest[:, 4].sum()) > 0.5 * 20
 
 
 def test_soft_histogram_in_simplex_and_differentiable():
@@ -58,9 +141,10 @@ def test_soft_histogram_in_simplex_and_differentiable():
     assert fmap.grad is not None and fmap.grad.abs().sum() > 0
     # a cold soft assignment approaches the hard one
     local = fmap.detach().flatten(2).transpose(1, 2)
-    cold = prototype_histogram(local, pool.prototypes, "soft", temperature=1e-6)
-    hard = prototype_histogram(local, pool.prototypes, "hard")
-    assert torch.allclose(cold, hard, atol=1e-4)
+    for rule in ("inner_product", "nearest"):
+        cold = prototype_histogram(local, pool.prototypes, "soft", temperature=1e-6, assignment_rule=rule)
+        hard = prototype_histogram(local, pool.prototypes, "hard", assignment_rule=rule)
+        assert torch.allclose(cold, hard, atol=1e-4)
 
 
 def test_embedding_is_exactly_gap_in_train_and_eval_and_before_init():
@@ -125,13 +209,13 @@ def _gap_error(pool, maps):
     return (out.embedding - approx).norm(dim=1).mean().item()
 
 
-def test_gap_approximation_error_shrinks_with_more_prototypes():
+def test_gap_approximation_error_shrinks_with_more_prototypes():  # the nearest rule's quantisation bound
     maps = _clustered_maps()
     gap_norm = maps.mean(dim=(2, 3)).norm(dim=1).mean().item()
     errors = []
     for m in (1, 3, 24):
         torch.manual_seed(0)
-        pool = PrototypePooling(2, num_prototypes=m, forgetting=0.9, init="kcenter").train()
+        pool = PrototypePooling(2, num_prototypes=m, forgetting=0.9, init="kcenter", assignment_rule="nearest").train()
         for _ in range(30):  # RLS on a stationary stream: the prototypes settle
             pool(maps)
         errors.append(_gap_error(pool, maps))
@@ -288,6 +372,103 @@ def test_total_is_base_plus_lam_times_both_reconstruction_losses():
     assert wrapped.last_base_loss == pytest.approx(base(emb, labels).item(), rel=1e-5)
 
 
+def _state(m=10, d=8, forgetting=0.9, ridge=1e-3, seed=1, scale=3.0):
+    """A recursion state (P, Q) as a stream of past batches leaves it: P = sum of H^T H, Q = sum of H^T Z."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.softmax(3 * torch.randn(40, m, generator=g), dim=1)
+    z = torch.randn(40, d, generator=g) * scale
+    return RecursionState(h.T @ h, h.T @ z, forgetting, ridge)
+
+
+def _numpy_recursive_predict(state, h_fit, z_fit, h_pred):
+    """One RLS step of (P, Q) with (H_fit, Z_fit), written out with numpy: W = (a P + H^T H + eps I)^-1 (a Q + H^T Z)."""
+    p, q = state.p.double().numpy(), state.q.double().numpy()
+    h, z, hp = (t.detach().double().numpy() for t in (h_fit, z_fit, h_pred))
+    w = np.linalg.solve(state.forgetting * p + h.T @ h + state.ridge * np.eye(len(p)), state.forgetting * q + h.T @ z)
+    return torch.from_numpy(hp @ w)
+
+
+def test_recursive_cross_fit_is_one_rls_step_of_the_state_with_each_half():
+    emb, labels, hist = _batch()
+    state = _state()
+    base = losses.MultiSimilarityLoss()
+    wrapped = CrossBatchMetricLoss(base, lam=0.7, cross_fit="recursive")
+    total = wrapped(emb, labels, hist, recursion_state=state)
+    a, b = labels < 3, labels >= 3
+    z_hat_b = _numpy_recursive_predict(state, hist[a], emb[a], hist[b]).float()
+    z_hat_a = _numpy_recursive_predict(state, hist[b], emb[b], hist[a]).float()
+    rec = wrapped.reconstructions(emb, labels, hist, state)
+    torch.testing.assert_close(rec.z_hat_b, z_hat_b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rec.z_hat_a, z_hat_a, atol=1e-4, rtol=1e-4)
+    reg = base(z_hat_b, labels[b]) + base(z_hat_a, labels[a])
+    assert torch.allclose(total, base(emb, labels) + 0.7 * reg, atol=1e-4)
+    # the state matters: it is not the fresh ridge fit
+    ridge_rec = CrossBatchMetricLoss(base, cross_fit="ridge").reconstructions(emb, labels, hist)
+    assert not torch.allclose(ridge_rec.z_hat_b, rec.z_hat_b, atol=1e-2)
+
+
+def test_recursive_from_an_empty_state_is_the_ridge_fit():
+    emb, labels, hist = _batch()
+    empty = RecursionState(torch.zeros(10, 10), torch.zeros(10, 8), 0.99, 1e-2)
+    rec = CrossBatchMetricLoss(losses.MultiSimilarityLoss(), cross_fit="recursive").reconstructions(emb, labels, hist,
+                                                                                                     empty)
+    a, b = labels < 3, labels >= 3
+    primal = hist[b] @ torch.linalg.solve(hist[a].T @ hist[a] + 1e-2 * torch.eye(10), hist[a].T @ emb[a])
+    torch.testing.assert_close(rec.z_hat_b, primal, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cross_fit", ["ridge", "recursive"])
+def test_the_fit_half_gets_gradients_and_the_target_half_only_through_its_own_fit(cross_fit):
+    emb, labels, hist = _batch()
+    wrapped = CrossBatchMetricLoss(losses.MultiSimilarityLoss(), cross_fit=cross_fit)
+    rec = wrapped.reconstructions(emb, labels, hist, _state())
+    a, b = labels < 3, labels >= 3
+    (g,) = torch.autograd.grad(wrapped.loss(rec.z_hat_b, labels[b]), emb)  # L(Zhat_B, y_B) alone
+    assert g[a].abs().sum() > 0  # Z_A: through the fit W_A
+    assert torch.equal(g[b], torch.zeros_like(g[b]))  # Z_B: not the target, no path at all (hard histograms)
+
+
+def test_bound_pooling_gives_the_state_before_its_latest_update():
+    torch.manual_seed(0)
+    pool = PrototypePooling(8, num_prototypes=10, forgetting=0.9).train()
+    assert pool.recursion_state is None
+    pool(torch.randn(24, 8, 3, 3))  # seeds, first update
+    p_before, q_before = pool.rls_p.clone(), pool.rls_q.clone()
+    emb_map = torch.randn(24, 8, 3, 3)
+    out = pool(emb_map)  # second update
+    state = pool.recursion_state
+    assert torch.equal(state.p, p_before) and torch.equal(state.q, q_before)
+    assert (state.forgetting, state.ridge) == (0.9, pool.ridge)
+    assert not torch.equal(pool.rls_p, p_before)  # the buffers moved on; the kept state did not
+    assert "recursion_state" not in pool.state_dict()
+    labels = torch.arange(6).repeat_interleave(4)
+    wrapped = CrossBatchMetricLoss(losses.MultiSimilarityLoss(), cross_fit="recursive")
+    with pytest.raises(RuntimeError, match="bind_pooling"):
+        wrapped(out.embedding, labels, out.histogram)
+    wrapped.bind_pooling(pool)
+    assert list(wrapped.state_dict()) == []  # the pooling is not a submodule of the loss
+    explicit = CrossBatchMetricLoss(losses.MultiSimilarityLoss(), cross_fit="recursive")
+    assert torch.equal(wrapped(out.embedding, labels, out.histogram),
+                       explicit(out.embedding, labels, out.histogram, recursion_state=state))
+    with pytest.raises(ValueError, match="recursion"):
+        CrossBatchMetricLoss(losses.MultiSimilarityLoss(), cross_fit="recursive").bind_pooling(GlobalAveragePooling(8))
+    CrossBatchMetricLoss(losses.MultiSimilarityLoss()).bind_pooling(GlobalAveragePooling(8))  # ridge: harmless
+
+
+def test_terms_are_the_two_parts_of_the_total_also_at_lam_zero():
+    emb, labels, hist = _batch()
+    base = losses.MultiSimilarityLoss()
+    for lam in (0.0, 0.4):
+        wrapped = CrossBatchMetricLoss(base, lam=lam, ridge=1e-2)
+        t = wrapped.terms(emb, labels, hist)
+        a, b = labels < 3, labels >= 3
+        reg = (base(ridge_fit_predict(hist[a], emb[a], hist[b], 1e-2), labels[b])
+               + base(ridge_fit_predict(hist[b], emb[b], hist[a], 1e-2), labels[a]))
+        assert torch.equal(t.base, base(emb, labels)) and torch.allclose(t.cross, reg)
+        assert torch.allclose(wrapped(emb, labels, hist), t.base + lam * t.cross)
+    assert wrapped.terms(emb, labels, None).cross is None
+
+
 def test_falls_back_to_base_loss_when_the_regulariser_cannot_apply():
     emb, labels, hist = _batch()
     base = losses.MultiSimilarityLoss()
@@ -358,13 +539,15 @@ def _toy_images(num_classes=8, per_class=4, seed=0, noise=0.5):
     return images, labels
 
 
-@pytest.mark.parametrize("assignment", ["hard", "soft"])
-def test_gradients_reach_the_trunk_from_the_regulariser(assignment):
+@pytest.mark.parametrize("assignment, cross_fit", [("hard", "ridge"), ("soft", "ridge"), ("hard", "recursive"),
+                                                   ("soft", "recursive")])
+def test_gradients_reach_the_trunk_from_the_regulariser(assignment, cross_fit):
     torch.manual_seed(0)
     net = _TinyNet(assignment=assignment).train()
     images, labels = _toy_images()
     out = net(images)
-    wrapped = CrossBatchMetricLoss(losses.MultiSimilarityLoss())
+    wrapped = CrossBatchMetricLoss(losses.MultiSimilarityLoss(), cross_fit=cross_fit)
+    wrapped.bind_pooling(net.pool)
     reg = wrapped.xml_loss(out.embedding, labels, out.histogram)
     reg.backward()
     for p in list(net.trunk.parameters()) + list(net.embedder.parameters()):
@@ -439,13 +622,15 @@ def test_short_training_run_lowers_the_loss(one_thread):
     ({"assignment": "fuzzy"}, "assignment"),
     ({"init": "random"}, "init"),
     ({"prior": -1.0}, "prior"),
+    ({"assignment_rule": "cosine"}, "assignment_rule"),
 ])
 def test_pooling_rejects_invalid_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         PrototypePooling(4, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, name", [({"lam": -0.1}, "lam"), ({"ridge": 0.0}, "ridge"), ({"ridge": -1}, "ridge")])
+@pytest.mark.parametrize("kwargs, name", [({"lam": -0.1}, "lam"), ({"ridge": 0.0}, "ridge"), ({"ridge": -1}, "ridge"),
+                                           ({"cross_fit": "kernel"}, "cross_fit")])
 def test_wrapper_rejects_invalid_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         CrossBatchMetricLoss(losses.MultiSimilarityLoss(), **kwargs)

@@ -2,15 +2,16 @@
 
 The embedding is exactly GAP, ``z = (1/n) sum_i f_i``, in training and at evaluation (no inference cost).
 Beside it, each image gets a histogram ``h`` in the simplex: the share of its ``n = H*W`` local features
-assigned to each of ``m`` prototypes. The prototypes ``W`` [m, d] are the weights of a linear predictor
-``z ~= W^T h``, learnt without gradient by recursive least squares with forgetting over the training batches.
+assigned to each of ``m`` prototypes (by the largest inner product, the appendix's Def. 4 / Claim 1, or by the
+nearest prototype). The prototypes ``W`` [m, d] are the weights of a linear predictor ``z ~= W^T h``, learnt
+without gradient by recursive least squares with forgetting over the training batches.
 
 Everything the recursion needs (``prototypes``, ``rls_p``, ``rls_q``, ``initialized``) is a buffer: it is
 saved in checkpoints and never touched by an optimizer.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -19,6 +20,7 @@ from .pooling import Pooling, PoolingOutput
 from .seeding import farthest_point_indices
 
 ASSIGNMENTS = ("hard", "soft")
+ASSIGNMENT_RULES = ("inner_product", "nearest")
 INITS = ("kmeans++", "kcenter")
 
 
@@ -36,26 +38,73 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
     return d2.clamp_min(0.0)
 
 
+def unit_ball(local_features: torch.Tensor) -> torch.Tensor:
+    """The map into the unit ball that the appendix's Lemma 1 assumes: per image, ``x_i / max_j ||x_j||``.
+
+    ``local_features`` [B, n, d] -> [B, n, d]. A uniform scaling of each image's features (a similarity: every
+    distance between them shrinks by the same factor, so relative distances are kept), the farthest one on the
+    unit sphere; per image, so that an image's histogram does not depend on the batch. An all-zero image stays 0.
+    """
+    radius = local_features.norm(dim=-1).amax(dim=-1, keepdim=True).clamp_min(1e-12)  # [B, 1]
+    return local_features / radius[..., None]
+
+
+def assignment_scores(local_features: torch.Tensor, prototypes: torch.Tensor,
+                      assignment_rule: str = "inner_product") -> torch.Tensor:
+    """Scores [B*n, m] of local features [B, n, d] against prototypes [m, d], larger = preferred, float32+.
+
+    ``inner_product`` (Def. 4 / Claim 1): ``w_k^T x~_i`` with ``x~ = unit_ball(x)``. ``nearest``: ``-||f_i - w_k||^2``.
+    """
+    b, n, d = local_features.shape
+    if assignment_rule == "inner_product":
+        dtype = torch.promote_types(local_features.dtype, torch.float32)
+        x = unit_ball(local_features.to(dtype)).reshape(b * n, d)
+        return x @ prototypes.to(dtype).T  # [B*n, m]
+    if assignment_rule == "nearest":
+        return -squared_distances(local_features.reshape(b * n, d), prototypes)  # [B*n, m]
+    raise ValueError(f"assignment_rule must be one of {ASSIGNMENT_RULES}, got {assignment_rule!r}")
+
+
 def prototype_histogram(local_features: torch.Tensor, prototypes: torch.Tensor, assignment: str = "hard",
-                        temperature: float = 0.1) -> torch.Tensor:
+                        temperature: float = 0.1, assignment_rule: str = "inner_product") -> torch.Tensor:
     """Histogram operator (docs/methods.md, XML): local features [B, n, d] -> histograms [B, m], rows in the simplex.
 
-    ``hard``: ``h_k = (1/n) #{i : argmin_j ||f_i - w_j|| = k}`` (ties go to the lowest index; no gradient).
-    ``soft``: ``h_k = (1/n) sum_i softmax_k(-||f_i - w_k||^2 / temperature)`` (differentiable in the features).
-    Computed in float32 (also under autocast).
+    With ``s_ik`` the :func:`assignment_scores` (``inner_product``: ``w_k^T x~_i``; ``nearest``: ``-||f_i - w_k||^2``):
+    ``hard``: ``h_k = (1/n) #{i : argmax_j s_ij = k}`` (ties go to the lowest index; no gradient).
+    ``soft``: ``h_k = (1/n) sum_i softmax_k(s_ik / temperature)`` (differentiable in the features).
+    A hard ``inner_product`` assignment does not depend on the unit-ball map (a positive factor per image does not
+    move an argmax), so it is computed on the features as they are. Computed in float32 (also under autocast).
     """
     b, n, d = local_features.shape
     m = prototypes.shape[0]
-    d2 = squared_distances(local_features.reshape(b * n, d), prototypes)  # [B*n, m]
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+    if assignment == "hard" and assignment_rule == "inner_product":
+        dtype = torch.promote_types(local_features.dtype, torch.float32)
+        scores = local_features.to(dtype).reshape(b * n, d) @ prototypes.to(dtype).T  # [B*n, m], argmax as unit_ball's
+    else:
+        scores = assignment_scores(local_features, prototypes, assignment_rule)  # [B*n, m]
     if assignment == "hard":
-        nearest = d2.argmin(dim=1).view(b, n)  # [B, n]
-        counts = torch.zeros(b, m, dtype=d2.dtype, device=d2.device)
-        counts.scatter_add_(1, nearest, torch.ones_like(nearest, dtype=d2.dtype))  # integer counts, exact
-        return counts / n  # [B, m], entries k/n
-    if assignment == "soft":
-        weights = torch.softmax(-d2 / temperature, dim=1)  # [B*n, m]
-        return weights.view(b, n, m).mean(dim=1)  # [B, m]
-    raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        return _count_histogram(scores.argmax(dim=1).view(b, n), m, scores.dtype)
+    weights = torch.softmax(scores / temperature, dim=1)  # [B*n, m]
+    return weights.view(b, n, m).mean(dim=1)  # [B, m]
+
+
+def _count_histogram(chosen: torch.Tensor, m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Chosen prototype indices [B, n] -> histograms [B, m] with entries k/n (integer counts, exact)."""
+    b, n = chosen.shape
+    counts = torch.zeros(b, m, dtype=dtype, device=chosen.device)
+    counts.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=counts.dtype))
+    return counts / n
+
+
+class RecursionState(NamedTuple):
+    """The recursion's statistics before the latest training batch's update, ``(P_{t-1}, Q_{t-1})``, and its constants:
+    what XML's cross-batch loss needs for ``cross_fit: recursive`` (one :func:`rls_update` of them with a half)."""
+    p: torch.Tensor  # [m, m]
+    q: torch.Tensor  # [m, d]
+    forgetting: float
+    ridge: float
 
 
 def rls_update(p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, z: torch.Tensor, forgetting: float,
@@ -111,9 +160,13 @@ _SEEDERS = {"kmeans++": kmeans_pp_seeds, "kcenter": kcenter_seeds}
 class PrototypePooling(Pooling):
     """XML pooling: ``embedding = GAP`` [B, d] and ``histogram`` [B, m] over ``num_prototypes`` prototypes.
 
+    ``assignment_rule``: ``inner_product`` (the default: the appendix's Def. 4 / Claim 1, ``argmax_k w_k^T x~`` with
+    the features mapped into the unit ball by :func:`unit_ball`) or ``nearest`` (``argmin_k ||f - w_k||``).
+
     Training forward: on the first call the prototypes are seeded from the batch's local features
     (``init``), then each call returns the histogram computed with the current prototypes and afterwards
-    updates them by recursive least squares (:func:`rls_update`), without gradient.
+    updates them by recursive least squares (:func:`rls_update`), without gradient; ``recursion_state`` then
+    holds the statistics from before that update (None until the first training forward).
     Evaluation forward: no update; the histogram is returned too (for analysis) once initialised.
     Before initialisation (an evaluation call on a fresh module) the pooling is plain GAP and returns
     ``histogram=None``.
@@ -131,12 +184,15 @@ class PrototypePooling(Pooling):
     gather_fn = None
 
     def __init__(self, dim: int, num_prototypes: int = 64, assignment: str = "hard", temperature: float = 0.1,
-                 forgetting: float = 0.99, ridge: float = 1e-3, init: str = "kmeans++", prior: float = 1.0):
+                 forgetting: float = 0.99, ridge: float = 1e-3, init: str = "kmeans++", prior: float = 1.0,
+                 assignment_rule: str = "inner_product"):
         super().__init__(dim)
         if isinstance(num_prototypes, bool) or int(num_prototypes) != num_prototypes or num_prototypes < 1:
             raise ValueError(f"num_prototypes must be an integer >= 1, got {num_prototypes!r}")
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        if assignment_rule not in ASSIGNMENT_RULES:
+            raise ValueError(f"assignment_rule must be one of {ASSIGNMENT_RULES}, got {assignment_rule!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not 0 < forgetting <= 1:
@@ -149,6 +205,7 @@ class PrototypePooling(Pooling):
             raise ValueError(f"prior must be >= 0, got {prior!r}")
         self.num_prototypes = int(num_prototypes)
         self.assignment = assignment
+        self.assignment_rule = assignment_rule
         self.temperature = float(temperature)
         self.forgetting = float(forgetting)
         self.ridge = float(ridge)
@@ -159,9 +216,11 @@ class PrototypePooling(Pooling):
         self.register_buffer("rls_p", torch.zeros(m, m))  # P [m, m]
         self.register_buffer("rls_q", torch.zeros(m, d))  # Q [m, d]
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.recursion_state: Optional[RecursionState] = None  # (P_{t-1}, Q_{t-1}) of the latest update; not saved
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_prototypes={self.num_prototypes}, assignment={self.assignment!r}, "
+                f"assignment_rule={self.assignment_rule!r}, "
                 f"temperature={self.temperature}, forgetting={self.forgetting}, ridge={self.ridge}, "
                 f"init={self.init!r}, prior={self.prior}")
 
@@ -177,7 +236,8 @@ class PrototypePooling(Pooling):
 
     @torch.no_grad()
     def update(self, histogram: torch.Tensor, embedding: torch.Tensor) -> None:
-        """One RLS step on a batch: histograms [B, m], GAP embeddings [B, d]."""
+        """One RLS step on a batch: histograms [B, m], GAP embeddings [B, d]; keeps the state it started from."""
+        self.recursion_state = RecursionState(self.rls_p.clone(), self.rls_q.clone(), self.forgetting, self.ridge)
         p, q, w = rls_update(self.rls_p, self.rls_q, histogram.detach(), embedding.detach(), self.forgetting,
                              self.ridge)
         self.rls_p.copy_(p)
@@ -198,7 +258,8 @@ class PrototypePooling(Pooling):
                 self.initialize(self._global(local).reshape(-1, d))
             # a copy: the update below overwrites the buffer that a soft histogram's graph holds on to
             prototypes = self.prototypes.clone() if self.training else self.prototypes
-            histogram = prototype_histogram(local, prototypes, self.assignment, self.temperature)  # [B, m]
+            histogram = prototype_histogram(local, prototypes, self.assignment, self.temperature,
+                                            self.assignment_rule)  # [B, m]
             if self.training:
                 self.update(self._global(histogram), self._global(embedding.float()))
         return PoolingOutput(embedding, histogram)
@@ -208,11 +269,13 @@ class PrototypePooling(Pooling):
         return batch if self.gather_fn is None else self.gather_fn(batch.detach())
 
     def pool_linear(self, trunk_map, weight, bias=None):
-        """Hard assignment only: ``z = weight mean(x) + bias`` (GAP commutes with the projection) and the nearest
-        prototype of each projected location ``f_i = weight x_i + bias`` found without projecting it:
-        ``argmin_j ||f_i - w_j||^2 = argmin_j ||w_j||^2 - 2 w_j.bias - 2 x_i.(weight^T w_j)`` (``||f_i||^2`` is the
-        same for every j), one [C, m] product instead of [C, d]; the hard histogram needs no gradient. The first
-        training call (seeding) projects every location once."""
+        """Hard assignment only: ``z = weight mean(x) + bias`` (GAP commutes with the projection) and the chosen
+        prototype of each projected location ``f_i = weight x_i + bias`` found without projecting it, from one [C, m]
+        product instead of [C, d]: ``argmax_j w_j.f_i = argmax_j x_i.(weight^T w_j) + w_j.bias`` (``inner_product``;
+        the unit-ball map, a positive factor per image, does not move the argmax) and
+        ``argmin_j ||f_i - w_j||^2 = argmin_j ||w_j||^2 - 2 w_j.bias - 2 x_i.(weight^T w_j)`` (``nearest``; ``||f_i||^2``
+        is the same for every j). The hard histogram needs no gradient. The first training call (seeding) projects
+        every location once."""
         if self.assignment != "hard" or (not bool(self.initialized) and not self.training):
             return None
         b, c, hgt, wid = trunk_map.shape
@@ -224,18 +287,20 @@ class PrototypePooling(Pooling):
             if not bool(self.initialized):
                 self.initialize(torch.nn.functional.linear(self._global(x).transpose(1, 2).reshape(-1, c), w32, b32))
             protos = self.prototypes.float()  # [m, d]
-            offset = (protos * protos).sum(1)  # [m]
-            if b32 is not None:
-                offset = offset - 2.0 * (protos @ b32)
-            scores = offset[None, :, None] - 2.0 * torch.matmul(protos @ w32, x)  # [B, m, n]
-            nearest = scores.argmin(dim=1)  # [B, n]
-            counts = torch.zeros(b, self.num_prototypes, device=x.device)
-            counts.scatter_add_(1, nearest, torch.ones_like(nearest, dtype=counts.dtype))
-            histogram = counts / (hgt * wid)  # [B, m]
+            products = torch.matmul(protos @ w32, x)  # [B, m, n]: w_j.(weight x_i)
+            if self.assignment_rule == "inner_product":
+                scores = products if b32 is None else products + (protos @ b32)[None, :, None]
+                chosen = scores.argmax(dim=1)  # [B, n]
+            else:
+                offset = (protos * protos).sum(1)  # [m]
+                if b32 is not None:
+                    offset = offset - 2.0 * (protos @ b32)
+                chosen = (offset[None, :, None] - 2.0 * products).argmin(dim=1)  # [B, n]
+            histogram = _count_histogram(chosen, self.num_prototypes)  # [B, m]
             if self.training:
                 self.update(self._global(histogram), self._global(embedding.float()))
         return PoolingOutput(embedding, histogram)
 
 
-__all__ = ["PrototypePooling", "prototype_histogram", "rls_update", "squared_distances", "kmeans_pp_seeds",
-           "kcenter_seeds"]
+__all__ = ["PrototypePooling", "RecursionState", "assignment_scores", "prototype_histogram", "rls_update",
+           "squared_distances", "unit_ball", "kmeans_pp_seeds", "kcenter_seeds"]
