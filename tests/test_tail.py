@@ -21,7 +21,7 @@ def adam_move_bound(lr: float, steps: int, betas=ADAM_BETAS) -> float:
 
     Step ``t`` is ``lr * m_t / (1 - b1^t) / sqrt(v_t / (1 - b2^t))`` (eps only shrinks it), ``m_t = (1 - b1) sum_s
     b1^(t-s) g_s``, ``v_t = (1 - b2) sum_s b2^(t-s) g_s^2``; Cauchy-Schwarz on ``sum b1^(t-s) |g_s|`` bounds its size by
-    ``lr (1 - b1) / (1 - b1^t) sqrt((1 - b2^t) / (1 - b2)) sqrt(sum_{j<t} (b1^2 / b2)^j)`` (exactly ``lr`` at ``t = 1``),
+    ``lr (1 - b1) / (1 - b1^t) sqrt((1 - b2^t) / (1 - b2)) sqrt(sum_{j<t} (b1^2 / b2)^j)`` (``lr`` at ``t = 1``),
     whatever the gradients (an L2 weight decay is part of the gradient). The move is at most the sum of the steps.
     """
     b1, b2 = betas
