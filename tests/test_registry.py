@@ -391,3 +391,138 @@ def test_check_options_runs_constructors_only(cleanup):
     R.check_options("loss", {"name": "buggy", "options": {"scale": 2.0}})  # forward never runs
     with pytest.raises(TypeError, match="a bug in the constructor"):
         R.check_options("loss", {"name": "buggy", "options": {"scale": 3.0}})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# register(kind, module): powerful-benchmarker's "register every class of a module"
+
+def _user_module(tmp_path, name, source):
+    """A module written to a file and imported, as a user's ``my_losses.py``."""
+    import importlib.util
+    import sys
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+LOSS_MODULE = '''
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction, ContrastiveLoss  # imported: not registered again
+from pytorch_metric_learning.miners import BaseMiner
+
+
+class BaseOfMine(BaseMetricLossFunction):
+    """A base class of the user's own: not a component."""
+
+
+class PairGapLoss(BaseOfMine):
+    def __init__(self, gap=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.gap = gap
+
+
+class NTWeirdLoss(BaseMetricLossFunction):
+    pass
+
+
+class PlainModuleLoss(torch.nn.Module):
+    def forward(self, embeddings, labels):
+        return embeddings.sum() * 0
+
+
+class HardestMiner(BaseMiner):
+    pass
+
+
+class Helper:
+    pass
+
+
+def helper_function():
+    return 1
+'''
+
+
+def test_register_module_registers_every_fitting_class_under_single_class_names(tmp_path, cleanup):
+    mod = _user_module(tmp_path, "pb_style_losses", LOSS_MODULE)
+    before = set(R.names("loss"))
+    contrastive = R.get("loss", "contrastive")
+    assert xml_plugin.register("loss", mod) is mod
+    cleanup += [("loss", "pair_gap"), ("loss", "nt_weird"), ("loss", "plain_module")]
+    assert set(R.names("loss")) - before == {"pair_gap", "nt_weird", "plain_module"}  # not the Base*, miner, helper
+    assert R.get("loss", "contrastive") is contrastive  # an imported PML class is left as it was
+    for cls_name, snake, short in (("PairGapLoss", "pair_gap_loss", "pair_gap"), ("NTWeirdLoss", "nt_weird_loss",
+                                                                                   "nt_weird")):
+        cls = getattr(mod, cls_name)
+        assert snake == _snake(cls_name)  # the names a single-class registration gives, derived independently
+        assert R.get("loss", cls_name) is R.get("loss", snake) is R.get("loss", short) is cls
+    assert R.build("loss", {"name": "pair_gap", "options": {"gap": 0.3}}).gap == 0.3
+    # the same module as miners: only the miner
+    before = set(R.names("miner"))
+    xml_plugin.register("miner", mod)
+    cleanup.append(("miner", "hardest"))
+    assert set(R.names("miner")) - before == {"hardest"} and R.get("miner", "HardestMiner") is mod.HardestMiner
+
+
+def test_register_module_kinds(tmp_path, cleanup):
+    mod = _user_module(tmp_path, "pb_style_parts", '''
+import torch
+from torch.utils.data import Sampler
+
+
+class TinyPooling(torch.nn.Module):
+    pass
+
+
+class EveryOtherSampler(Sampler):
+    def __init__(self, labels, batch_size=2, length_before_new_iter=4):
+        self.n = length_before_new_iter
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self):
+        return self.n
+
+
+class SlowSGD(torch.optim.SGD):
+    pass
+''')
+    xml_plugin.register("sampler", mod)
+    xml_plugin.register("optimizer", mod)
+    xml_plugin.register("pooling", mod)
+    cleanup += [("sampler", "every_other"), ("optimizer", "slow_sgd"), ("pooling", "tiny")]
+    assert R.get("sampler", "every_other") is mod.EveryOtherSampler
+    assert R.get("optimizer", "SlowSGD") is mod.SlowSGD
+    with pytest.raises(UnknownComponentError):
+        R.get("optimizer", "tiny_pooling")  # an nn.Module is no optimizer
+    assert R.get("pooling", "tiny") is mod.TinyPooling
+    with pytest.raises(UnknownComponentError):  # poolings are nn.Modules: the optimizer is not one
+        R.get("pooling", "slow_sgd")
+
+
+def test_register_module_with_nothing_registrable_is_refused(tmp_path):
+    mod = _user_module(tmp_path, "pb_nothing", "class Helper:\n    pass\n\n\ndef build():\n    return 1\n")
+    before = R.describe()
+    with pytest.raises(ValueError, match=r"register\('loss', module pb_nothing\).*no loss class.*Helper"):
+        xml_plugin.register("loss", mod)
+    with pytest.raises(R.NothingToRegisterError):
+        xml_plugin.register("trunk", mod)
+    with pytest.raises(ValueError, match="own names"):
+        xml_plugin.register("loss", _user_module(tmp_path, "pb_named", LOSS_MODULE), name="mine")
+    assert R.describe() == before  # nothing registered by a refused call
+
+
+def test_register_module_through_import_nothing_registrable_exits_2(tmp_path, capsys):
+    from conftest import run_main
+    (tmp_path / "pb_empty_losses.py").write_text("class NotALoss:\n    pass\n")
+    user = tmp_path / "register_them.py"
+    user.write_text("import sys\nsys.path.insert(0, %r)\nimport pb_empty_losses\nimport xml_plugin\n"
+                    "xml_plugin.register('loss', pb_empty_losses)\n" % str(tmp_path))
+    code, out, err = run_main(capsys, ["--import", str(user), "--list"])
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "pb_empty_losses" in err and "NotALoss" in err

@@ -1,7 +1,7 @@
 """Name -> component registry: PML, torch and this project's parts, and the user's own.
 
-``register(kind, obj, name=None)`` adds a component (also usable as a decorator),
-``unregister(kind, name)`` removes it and ``get(kind, name)`` resolves a name. Class names
+``register(kind, obj, name=None)`` adds a component (also usable as a decorator; ``obj`` may be a module: every class
+of it that fits the kind joins), ``unregister(kind, name)`` removes it and ``get(kind, name)`` resolves a name. Class names
 (``MultiSimilarityLoss``) and snake_case names with or without the kind's suffix
 (``multi_similarity_loss``, ``multi_similarity``) all resolve to the same object. An unknown
 name raises :class:`UnknownComponentError`, which lists the close matches.
@@ -12,6 +12,7 @@ import difflib
 import inspect
 import re
 import threading
+import types
 from typing import Any, Callable, Dict, List, Optional
 
 from .config import ConfigError, is_search_marker
@@ -104,11 +105,20 @@ def register(kind: str, obj: Any = None, name: Optional[str] = None, *, overwrit
     """Register ``obj`` under ``kind``; returns ``obj`` so it also works as a decorator.
 
     ``name`` is the canonical name (default: the short snake_case form of the class name).
-    Registering an existing name replaces it unless ``overwrite=False``.
+    Registering an existing name replaces it unless ``overwrite=False``. A module registers every class defined in it
+    (or in its submodules) that fits the kind (see :func:`fits`), each named as if registered alone; a module with no
+    such class raises :class:`NothingToRegisterError` (a ``ValueError``).
     """
     _check_kind(kind)
     if obj is None:  # decorator form
         return lambda o: register(kind, o, name, overwrite=overwrite, aliases=aliases)
+    if isinstance(obj, types.ModuleType):
+        if name or aliases:
+            raise ValueError(f"register({kind!r}, module {obj.__name__}): a module's classes keep their own names; "
+                             f"name= and aliases= are for one class")
+        for cls in module_classes(kind, obj):
+            register(kind, cls, overwrite=overwrite)
+        return obj
     names = _aliases_for(kind, obj, name) + list(aliases or [])
     if not names:
         raise ValueError(f"register({kind!r}, ...) needs a name for {obj!r}")
@@ -129,6 +139,70 @@ def register(kind: str, obj: Any = None, name: Optional[str] = None, *, overwrit
         if a not in _aliases[kind] or a == key:
             _aliases[kind][a] = canonical
     return obj
+
+
+class NothingToRegisterError(ConfigError):
+    """``register(kind, module)`` of a module that holds no class of that kind (exit 2 when ``--import`` runs it)."""
+
+
+def _bases(kind: str) -> tuple:
+    """The classes a component of ``kind`` derives from, for :func:`register` of a module."""
+    import torch
+    if kind == "loss":
+        from pytorch_metric_learning.losses import BaseMetricLossFunction
+        return (BaseMetricLossFunction,)
+    if kind in ("miner", "distance", "reducer"):
+        from pytorch_metric_learning import distances, miners, reducers
+        return ({"miner": miners.BaseMiner, "distance": distances.BaseDistance,
+                 "reducer": reducers.BaseReducer}[kind],)
+    if kind == "sampler":
+        return (torch.utils.data.Sampler,)
+    if kind == "optimizer":
+        return (torch.optim.Optimizer,)
+    if kind == "lr_scheduler":
+        sched = torch.optim.lr_scheduler
+        return tuple(c for c in (getattr(sched, "LRScheduler", None), sched.ReduceLROnPlateau) if c is not None)
+    if kind == "dataset":
+        return (torch.utils.data.Dataset,)
+    if kind == "method":
+        return ()  # methods are config overlays (dicts): register each with a name
+    return (torch.nn.Module,)  # trunk, pooling, embedder, loss_wrapper
+
+
+def fits(kind: str, cls: Any) -> bool:
+    """Is ``cls`` a component of ``kind``: a concrete subclass (its name not starting with ``Base``) of PML's base
+    class for losses, miners, distances and reducers (a loss may also be any ``torch.nn.Module`` named ``...Loss``),
+    of ``torch.nn.Module`` for trunks, poolings, embedders and loss wrappers, of torch's ``Sampler``, ``Optimizer``,
+    ``LRScheduler`` / ``ReduceLROnPlateau``, ``Dataset``?"""
+    import torch
+    if not inspect.isclass(cls) or cls.__name__.startswith(("Base", "_")) or inspect.isabstract(cls):
+        return False
+    bases = _bases(kind)
+    if kind == "loss" and issubclass(cls, torch.nn.Module) and cls.__name__.endswith("Loss"):
+        return True
+    return any(issubclass(cls, b) and cls is not b for b in bases)
+
+
+def module_classes(kind: str, module: types.ModuleType) -> List[type]:
+    """The classes that ``register(kind, module)`` registers: those defined in ``module`` or its submodules (not the
+    ones it imports from elsewhere) that fit ``kind``, in name order."""
+    prefix = module.__name__
+    out = [obj for attr, obj in sorted(vars(module).items()) if inspect.isclass(obj) and fits(kind, obj)
+           and (obj.__module__ == prefix or obj.__module__.startswith(prefix + "."))]
+    if not out:
+        own = sorted(a for a, o in vars(module).items() if inspect.isclass(o) and o.__module__ == prefix)
+        what = {"loss": "a subclass of PML's BaseMetricLossFunction (or a torch.nn.Module named ...Loss)",
+                "miner": "a subclass of PML's BaseMiner", "distance": "a subclass of PML's BaseDistance",
+                "reducer": "a subclass of PML's BaseReducer", "sampler": "a torch.utils.data.Sampler",
+                "optimizer": "a torch.optim.Optimizer", "lr_scheduler": "a torch learning-rate scheduler",
+                "dataset": "a torch.utils.data.Dataset",
+                "method": "none: methods are config overlays, register each with register('method', {...}, name=...)"
+                }.get(kind, "a torch.nn.Module subclass")
+        raise NothingToRegisterError(
+            f"register({kind!r}, module {prefix}): the module holds no {kind} class ({what}, defined in the module); "
+            f"its own classes: {', '.join(own) or 'none'}; a factory function registers with "
+            f"xml_plugin.register({kind!r}, function, name=...)")
+    return out
 
 
 def _remove(kind: str, canonical: str) -> None:
@@ -454,4 +528,4 @@ def describe() -> Dict[str, List[str]]:
 
 __all__ = ["register", "unregister", "get", "names", "build", "split_spec", "canonical_name", "describe",
            "accepted_options", "check_option_names", "check_options", "build_with", "UnknownComponentError", "UnknownOptionError", "KINDS",
-           "snake_case"]
+           "snake_case", "fits", "module_classes", "NothingToRegisterError"]
