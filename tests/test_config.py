@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import time
 from pathlib import Path
 
@@ -490,3 +491,85 @@ def test_busy_cores_sees_a_spinning_process():
     finally:
         child.wait()
     assert busy is not None and busy >= 0.8, busy
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# powerful-benchmarker's syntax: ~OVERRIDE~ / ~DELETE~, the list form of --config_<category>, config files by path
+
+def test_pb_flags_are_synonyms_of_replace_and_delete():
+    base = {"opt": {"name": "Adam", "options": {"lr": 1, "weight_decay": 2}}, "miner": {"name": "ms"}, "a": 1}
+    ours = C.merge(base, {"opt": {"options~replace": {"lr": 5}}, "miner~delete": None})
+    pb = C.merge(base, {"opt": {"options~OVERRIDE~": {"lr": 5}}, "miner~DELETE~": {}})
+    assert pb == ours == {"opt": {"name": "Adam", "options": {"lr": 5}}, "a": 1}
+    assert C.merge({}, {"a~OVERRIDE~": {"b": {"c~OVERRIDE~": 2}}}) == {"a": {"b": {"c": 2}}}  # never literal keys
+    assert C.apply_override(base, "opt.options~OVERRIDE~", {"momentum": 0.9})["opt"]["options"] == {"momentum": 0.9}
+    assert "miner" not in C.apply_override(base, "miner~DELETE~")
+    assert C.leaf_paths({"opt": {"options~OVERRIDE~": {"lr": 5}}}) == ["opt.options"]
+    # on the command line, as PB writes them (its delete may carry an empty mapping)
+    assert C.parse_overrides(["--optimizer.options~OVERRIDE~", "{lr: 0.01}", "--miner~DELETE~", "--x~DELETE~", "{}"]) == [
+        ("optimizer.options~OVERRIDE~", {"lr": 0.01}), ("miner~DELETE~", None), ("x~DELETE~", None)]
+    with pytest.raises(C.ConfigError, match="no value"):
+        C.parse_overrides(["--x~DELETE~", "3"])
+
+
+@pytest.mark.parametrize("key, words", [("trainer~APPLY~2", ["~APPLY~", "no equivalent", "--from_pb"]),
+                                        ("transforms~SWAP~1", ["~SWAP~", "no equivalent"]),
+                                        ("loss~replase", ["unknown flag", "~replace", "~OVERRIDE~"])])
+def test_other_tilde_flags_are_config_errors(key, words):
+    for call in (lambda: C.merge({}, {key: {"a": 1}}), lambda: C.apply_override({}, key, {"a": 1})):
+        with pytest.raises(C.ConfigError) as err:
+            call()
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.parametrize("words, names", [
+    (["default", "smoke"], ["default", "smoke"]),
+    (["[default,", "smoke]"], ["default", "smoke"]),  # --config_general [default, smoke] split by the shell
+    (["[default, smoke]"], ["default", "smoke"]),      # quoted
+    (["[default,smoke]"], ["default", "smoke"]),
+    (["[smoke]"], ["smoke"]),
+])
+def test_config_names_take_the_list_form(words, names):
+    assert C.config_names(words) == names
+
+
+@pytest.mark.parametrize("words", [["[default,"], ["[]"], ["[default, [x]]"], ["[a,", "{b: 1}]"]])
+def test_config_names_refuse_broken_lists(words):
+    with pytest.raises(C.ConfigError, match=r"\[default, with_x\]"):
+        C.config_names(words)
+
+
+def test_list_form_loads_the_same_as_names(root):
+    assert C.load({"config_general": C.config_names(["[fast,", "faster]"])}, root=root) == \
+        C.load({"config_general": ["fast", "faster"]}, root=root)
+
+
+def test_config_given_by_path_is_read_as_it_is(root, tmp_path):
+    own = tmp_path / "mine" / "quick.yaml"
+    own.parent.mkdir()
+    own.write_text("general: {n_trials: 7}\n")
+    cfg = C.load({"config_general": ["fast", str(own)]}, root=root)
+    assert cfg["general"]["n_trials"] == 7 and cfg["trainer"]["lr"] == 0.1  # after fast, over it
+    with pytest.raises(C.ConfigError, match="no such file"):
+        C.load({"config_general": [str(tmp_path / "absent.yaml")]}, root=root)
+
+
+@pytest.mark.parametrize("path, value", [("general.experiment_folder", ["a", "b"]), ("dataset.root", ["x", "y"]),
+                                         ("trainer.batch_size", [32, 64]), ("general.device", {"a": 1})])
+def test_a_key_of_one_value_refuses_a_list(path, value):
+    cfg = C.apply_override(C.load(), path, value)
+    with pytest.raises(C.ConfigError, match=rf"^{re.escape(path)} takes one value"):
+        C.check_keys(cfg)
+
+
+def test_one_value_check_leaves_lists_markers_and_every_shipped_config_alone():
+    C.check_keys(C.apply_override(C.load(), "trainer.batch_size", {"search": "int", "low": 16, "high": 64}))
+    C.check_keys(C.apply_override(C.load(), "general.methods", ["baseline", "xml"]))
+    for category in C.CATEGORIES:
+        for name in C.available(category):
+            C.check_keys(C.load({category: [name]}))
+
+
+def test_pb_keys_point_at_the_translator():
+    with pytest.raises(C.ConfigError, match="'loss_funcs' is a powerful-benchmarker key.*--from_pb"):
+        C.check_keys({**C.load(), "loss_funcs": {"metric_loss": {"ContrastiveLoss": {}}}})

@@ -5,8 +5,12 @@ A config is one nested dict. ``benchmark_configs/<category>/<name>.yaml`` files 
 then the command-line overrides:
 
 * ``--a.b.c VALUE``          set a key (VALUE is parsed as YAML; a dict VALUE is merged into a dict)
-* ``--a.b~replace VALUE``    replace the key's value wholesale instead of merging
-* ``--a.b~delete``           delete the key
+* ``--a.b~replace VALUE``    replace the key's value wholesale instead of merging (``~OVERRIDE~``, powerful-benchmarker's
+                             spelling, is the same flag)
+* ``--a.b~delete``           delete the key (also ``~DELETE~``)
+
+``--config_<category>`` takes names (``default with_x``, or powerful-benchmarker's list form ``[default, with_x]``) or
+paths of YAML files.
 
 A value of the form ``{search: float|int|categorical, low:, high:, log:, step:, choices:, default:}`` is a
 *search marker*: the protocol's Optuna study tunes it, with the dotted path as the parameter name.
@@ -34,6 +38,7 @@ CATEGORIES = (
     "config_search",
 )  # config_methods/ holds the methods' overlays: see xml_plugin.methods
 REPLACE, DELETE = "~replace", "~delete"
+FLAGS = {REPLACE: "replace", "~OVERRIDE~": "replace", DELETE: "delete", "~DELETE~": "delete"}  # key suffix -> mode
 SEARCH_TYPES = ("float", "int", "categorical")
 
 
@@ -78,17 +83,35 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
+def split_flag(key: Any) -> Tuple[Any, str]:
+    """``'a~replace'`` / ``'a~OVERRIDE~'`` -> ``('a', 'replace')``, ``'a~delete'`` / ``'a~DELETE~'`` -> ``('a',
+    'delete')``, ``'a'`` -> ``('a', 'merge')``. Another ``~`` flag is a ConfigError (powerful-benchmarker's ``~APPLY~``
+    and ``~SWAP~`` have no equivalent here)."""
+    if not isinstance(key, str) or "~" not in key:
+        return key, "merge"
+    base, flag = key[: key.index("~")], key[key.index("~"):]
+    if flag in FLAGS:
+        return base, FLAGS[flag]
+    if flag.startswith(("~APPLY~", "~SWAP~")):
+        raise ConfigError(f"{key!r}: powerful-benchmarker's {flag.rstrip('0123456789')} has no equivalent here; set the "
+                          f"keys themselves (--trainer.batch_size 256), or translate the config folder with "
+                          f"run.py --from_pb FOLDER")
+    raise ConfigError(f"{key!r}: unknown flag {flag!r}; the flags are ~replace (or ~OVERRIDE~) and ~delete (or ~DELETE~)")
+
+
 def merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
-    """Recursive merge of ``over`` into a copy of ``base``. Keys ending in ``~replace`` replace, ``~delete`` delete.
+    """Recursive merge of ``over`` into a copy of ``base``. Keys ending in ``~replace`` (``~OVERRIDE~``) replace,
+    ``~delete`` (``~DELETE~``) delete.
 
     A search marker is a leaf: it replaces whatever was there (and is replaced by a plain value).
     """
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if key.endswith(DELETE):
-            out.pop(key[: -len(DELETE)], None)
-        elif key.endswith(REPLACE):
-            out[key[: -len(REPLACE)]] = _fresh(value)
+        key, mode = split_flag(key)
+        if mode == "delete":
+            out.pop(key, None)
+        elif mode == "replace":
+            out[key] = _fresh(value)
         elif (isinstance(value, dict) and isinstance(out.get(key), dict)
               and not is_search_marker(value) and not is_search_marker(out[key])):
             out[key] = merge(out[key], value)
@@ -118,10 +141,43 @@ def _fresh(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+def is_config_path(name: str) -> bool:
+    """Is a ``--config_<category>`` word a YAML file's path (``my/ms.yaml``) rather than a config name?"""
+    return name.endswith((".yaml", ".yml")) or "/" in name or os.sep in name
+
+
+def config_names(words: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """The names given to ``--config_<category>``: ``['default', 'with_x']`` from ``default with_x`` or from
+    powerful-benchmarker's list form ``[default, with_x]`` (one word or split by the shell at its spaces)."""
+    if not words:
+        return None if words is None else []
+    text = " ".join(str(w) for w in words).strip()
+    if not text.startswith("["):
+        return [str(w) for w in words]
+    if not text.endswith("]"):
+        raise ConfigError(f"config list {text!r} is not closed: write [default, with_x] (or the names without brackets)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"config list {text!r} must list config names: [default, with_x]")
+    return value
+
+
 def load_category(category: str, names: Sequence[str], root: Optional[Path] = None) -> Dict[str, Any]:
+    """The files ``<root>/<category>/<name>.yaml`` merged in order; a name that is a path (``is_config_path``) is read
+    as it is."""
     root = root or config_root()
     cfg: Dict[str, Any] = {}
     for name in names:
+        if is_config_path(name):
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"--{category} {name}: no such file {path.resolve()} (a name without '/' or '.yaml' "
+                                  f"is looked up in {root / category})")
+            cfg = merge(cfg, load_yaml(path))
+            continue
         path = root / category / f"{name}.yaml"
         if not path.is_file():
             import difflib
@@ -198,11 +254,9 @@ def presets_for(selection: Optional[Dict[str, Sequence[str]]] = None, overrides:
 
 
 def apply_override(cfg: Dict[str, Any], dotted: str, value: Any = None) -> Dict[str, Any]:
-    """Set ``a.b.c`` (merge), ``a.b.c~replace`` or delete ``a.b.c~delete`` in a copy of ``cfg``."""
-    mode = "merge"
-    for suffix, m in ((DELETE, "delete"), (REPLACE, "replace")):
-        if dotted.endswith(suffix):
-            dotted, mode = dotted[: -len(suffix)], m
+    """Set ``a.b.c`` (merge), ``a.b.c~replace`` (``~OVERRIDE~``) or delete ``a.b.c~delete`` (``~DELETE~``) in a copy
+    of ``cfg``."""
+    dotted, mode = split_flag(dotted)
     keys = dotted.split(".")
     if not all(keys):
         raise ConfigError(f"bad config path {dotted!r}")
@@ -256,8 +310,8 @@ def parse_overrides(argv: Sequence[str]) -> List[Tuple[str, Any]]:
         while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2 and not _is_number(argv[i])):
             values.append(parse_value(argv[i]))
             i += 1
-        if key.endswith(DELETE):
-            if values:
+        if split_flag(key)[1] == "delete":
+            if values and values not in ([None], [{}]):  # PB writes {embedder_optimizer~DELETE~: {}}
                 raise ConfigError(f"--{key} takes no value")
             out.append((key, None))
         elif not values:
@@ -279,9 +333,9 @@ def leaf_paths(cfg: Dict[str, Any], prefix: str = "") -> List[str]:
     """Dotted paths of the leaves of a (nested) mapping; search markers and ``~replace`` values are leaves."""
     out: List[str] = []
     for key, value in cfg.items():
-        name = key.split("~")[0]
+        name, mode = split_flag(key)
         path = f"{prefix}{name}"
-        if isinstance(value, dict) and value and not is_search_marker(value) and not key.endswith(REPLACE):
+        if isinstance(value, dict) and value and not is_search_marker(value) and mode != "replace":
             out.extend(leaf_paths(value, path + "."))
         else:
             out.append(path)
@@ -403,6 +457,23 @@ def schema(root: Optional[Path] = None) -> Dict[str, Any]:
     return known
 
 
+# top-level keys of powerful-benchmarker's config folders (xml_plugin.pb_compat translates them)
+PB_KEYS = frozenset({"loss_funcs", "mining_funcs", "optimizers", "lr_schedulers", "models", "num_epochs_train",
+                     "save_interval", "split_manager", "splits_to_eval", "eval_batch_size", "factories", "tester",
+                     "aggregator", "ensemble", "hook_container", "check_untrained_accuracy", "bayes_opt_iters"})
+PATH_KEYS = ("general.experiment_folder", "general.storage", "dataset.root", "cache.folder")  # one string or null
+
+
+def _check_one_value(path: str, spec: Any, value: Any) -> None:
+    """A key whose default is one value (a number, a word) or a path takes one value: several words after
+    ``--general.experiment_folder`` (a list) are an error, not a traceback later."""
+    one = path in PATH_KEYS or (spec is not None and not isinstance(spec, (list, dict)))
+    if one and isinstance(value, (list, dict)) and not is_search_marker(value):
+        kind = "a list" if isinstance(value, list) else "a mapping"
+        raise ConfigError(f"{path} takes one value, got {kind} {value!r} (several words after --{path} make a list; "
+                          f"quote a value with spaces: --{path} 'a b')")
+
+
 def _is_component(value: Any) -> bool:
     """A component section (``{name: ..., options: ...}`` or null until a method sets it): its options are checked
     against the component's constructor, not here."""
@@ -430,9 +501,13 @@ def check_keys(cfg: Dict[str, Any], known: Optional[Dict[str, Any]] = None, pref
         if key not in known:
             close = difflib.get_close_matches(key, [str(k) for k in known], n=3)
             hint = f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
+            if not prefix and key in PB_KEYS:
+                hint = (f"{key!r} is a powerful-benchmarker key: translate your config folder with run.py --from_pb "
+                        f"FOLDER (README, 'Coming from powerful-benchmarker'); ")
             raise ConfigError(f"unknown config key {path!r}: {hint}known keys here: {', '.join(map(str, known))} "
                               f"(run.py --print_config shows the whole config)")
         spec = known[key]
+        _check_one_value(path, spec, value)
         if _is_component(spec) and prefix.count(".") == (2 if prefix.startswith(METHOD_OVERRIDES) else 0):
             if isinstance(value, dict) and not is_search_marker(value):
                 if "name" not in value and not prefix.startswith(METHOD_OVERRIDES):  # there: merged into the overlay
@@ -443,6 +518,8 @@ def check_keys(cfg: Dict[str, Any], known: Optional[Dict[str, Any]] = None, pref
                                       f"{value['options']!r} (is the YAML value complete?)")
             elif value is not None and not isinstance(value, str):
                 raise ConfigError(f"{path} must be a component name or '{{name: NAME, options: {{...}}}}', got {value!r}")
+            for sub, v in (value.items() if isinstance(value, dict) else ()):  # dataset.root
+                _check_one_value(f"{path}.{sub}", None, v)
             continue
         if isinstance(spec, dict) and spec and isinstance(value, dict) and not is_search_marker(value):
             check_keys(value, spec, path + ".")
