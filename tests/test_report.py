@@ -110,6 +110,132 @@ def test_write_report_csv_md_tex(tmp_path):
     assert r"\textbf{90.00}" not in tex and tex.count(r"\textbf{") == 12
 
 
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_write_report_holm_attribution_bootstrap_and_searches(tmp_path):
+    """The new paired rows: p_value / p_adjusted (recomputed here with scipy and a Holm step), verdicts in report.md
+    Holm-adjusted for the secondary cells, the bootstrap beside the primary endpoint, the attribution table, the
+    verdict over searches; compare() bolds by the same verdicts."""
+    rng = np.random.default_rng(7)
+    n = 5
+    recs = []
+    for method, shift in (("baseline", 0.0), ("xml", 0.006)):
+        for e in EMBEDDINGS:
+            for metric in METRICS:
+                noise = rng.normal(0, 0.004, n)
+                recs += [dict(dataset="cub", method=method, embedding=e, metric=metric, seed=s,
+                              value=0.2 + 0.01 * s + (shift + noise[s] if method == "xml" else 0.0)) for s in range(n)]
+    rows, diffs = summarize(recs), paired_differences(recs, "baseline")
+    # attribution: "xml - baseline at xml's parameters", here a smaller effect
+    attr_recs = [dict(r, value=r["value"] - (0.008 if r["method"] == "xml" else 0.0)) for r in recs]
+    attribution = paired_differences(attr_recs, "baseline", comparison="equal_params")
+    bootstrap = [dict(dataset="cub", method="xml", embedding="concatenated", metric="mean_average_precision_at_r",
+                      reference="baseline", comparison="equal_budget", mean=0.01, n=n, boot_low=-0.0123,
+                      boot_high=0.0345, boot_resamples=1000)]
+    md = write_report(tmp_path, rows, "CUB", diffs=diffs, attribution=attribution, bootstrap=bootstrap)
+    table = _csv_rows(tmp_path / "report.csv")
+    assert tuple(table[0]) == CSV_COLUMNS[:len(table[0])] and len(CSV_COLUMNS) == len(table[0])
+    paired = [r for r in table if r["reference"]]
+    assert len(paired) == 2 * 2 * 3 and {r["comparison"] for r in paired} == {"equal_budget", "equal_params"}
+    assert all(r["comparison"] == "" for r in table if not r["reference"])
+    for comparison, source in (("equal_budget", recs), ("equal_params", attr_recs)):
+        mine = [r for r in paired if r["comparison"] == comparison]
+        p = []
+        for r in mine:
+            pick = lambda m: [x["value"] for x in source if (x["method"], x["embedding"], x["metric"])
+                              == (m, r["embedding"], r["metric"])]
+            p.append(stats.ttest_rel(pick("xml"), pick("baseline")).pvalue)
+            assert float(r["p_value"]) == pytest.approx(p[-1], rel=1e-9)
+        # Holm by hand over the 6 cells: sorted, (m - j) p_(j), running maximum
+        order, m, running, holm = np.argsort(p), len(p), 0.0, [0.0] * len(p)
+        for j, i in enumerate(order):
+            running = max(running, min(1.0, (m - j) * p[i]))
+            holm[i] = running
+        assert [float(r["p_adjusted"]) for r in mine] == pytest.approx(holm, rel=1e-9)
+        assert [r["endpoint"] for r in mine].count("primary") == 1
+        prim = next(r for r in mine if r["endpoint"] == "primary")
+        assert (prim["embedding"], prim["metric"]) == ("concatenated", "mean_average_precision_at_r")
+    # the bootstrap's columns sit in the primary equal-budget row only
+    booted = [r for r in paired if r["boot_resamples"]]
+    assert len(booted) == 1 and booted[0]["comparison"] == "equal_budget" and booted[0]["endpoint"] == "primary"
+    assert float(booted[0]["boot_low"]) == -0.0123 and int(booted[0]["boot_resamples"]) == 1000
+    # report.md: the headline first, with the seed interval, the bootstrap beside it and the search caveat
+    head = md.split("\n## cub\n")[0]
+    assert "## Primary endpoint: MAP@R Concat." in head and "[-1.23, +3.45] (1000 resamples)" in head
+    prim = next(d for d in diffs if d["endpoint"] == "primary")
+    assert f"| cub | xml − baseline | {100 * prim['mean']:+.2f} ± {100 * prim['ci95']:.2f} |" in head
+    assert "not covered (one search)" in head
+    assert "not the search's own randomness" in head
+    # verdicts shown: the interval's for the primary, Holm's (marked) for the others
+    budget_table = md.split("Paired differences with `baseline`")[1].split("Attribution")[0]
+    for d in diffs:
+        shown = d["verdict"] if d["endpoint"] == "primary" else (
+            ("better" if d["mean"] > 0 else "worse") if d["p_adjusted"] < 0.05 else "no difference detected")
+        mark = "" if d["endpoint"] == "primary" else "†"
+        assert f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f} {shown}{mark}" in budget_table
+    assert "Holm-adjusted p-values" in md
+    overturned = [d for d in diffs if d["verdict"] == "better" and d["shown_verdict"] != "better"]
+    assert overturned and any(d["shown_verdict"] == "better" for d in diffs)  # Holm changed some verdicts, not all
+    # the attribution table, in md and tex
+    attr_table = md.split("Attribution")[1]
+    assert "| Method − baseline at the method's parameters |" in attr_table
+    assert all(f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}" in attr_table for d in attribution)
+    tex = (tmp_path / "report.tex").read_text()
+    _check_latex(tex)
+    assert "attribution (equal parameters)" in tex and r"Method $-$ baseline at the method's parameters" in tex
+    # read back: the new columns parse; compare() bolds where report.md's verdict is better
+    back = [r for r in read_report_csv(tmp_path / "report.csv") if r["reference"]]
+    assert {r["comparison"] for r in back} == {"equal_budget", "equal_params"}
+    assert sum(r["boot_resamples"] == 1000 for r in back) == 1
+    cmp_md, _ = compare([tmp_path])
+    xml_line = next(line for line in cmp_md.splitlines() if line.startswith("| xml |"))
+    better = [d for d in diffs if (d["verdict"] if d["endpoint"] == "primary" else
+                                   ("better" if d["mean"] > 0 and d["p_adjusted"] < 0.05 else "")) == "better"]
+    assert xml_line.count("**") == 2 * len(better)
+
+
+def test_write_report_verdict_over_searches(tmp_path):
+    rng = np.random.default_rng(8)
+    recs = []
+    for search, shift in ((0, 0.012), (1, 0.001)):
+        for method in ("baseline", "xml"):
+            for e in EMBEDDINGS:
+                recs += [dict(dataset="cub", method=method, embedding=e, metric="mean_average_precision_at_r", seed=s,
+                              search=search, value=0.2 + 0.01 * s + (shift + rng.normal(0, 0.002) if method == "xml"
+                                                                      else 0.0)) for s in range(4)]
+    diffs = paired_differences(recs, "baseline")
+    from xml_plugin.protocol.verdicts import over_searches_rows
+    over = over_searches_rows(diffs)
+    md = write_report(tmp_path, summarize(recs), "two searches", diffs=diffs, over_searches=over)
+    prim = next(o for o in over if o["endpoint"] == "primary")
+    head = md.split("\n## cub\n")[0]
+    assert f"{100 * prim['mean']:+.2f} ± {100 * prim['ci95']:.2f} (2 searches)" in head
+    assert "not the search's own randomness" not in head
+    assert "| xml (search 0) | Sep. |" in md and "| xml (search 1) | Concat. |" in md
+    assert "Verdicts over searches" in md
+    table = _csv_rows(tmp_path / "report.csv")
+    assert sorted(r["search"] for r in table if r["comparison"] == "equal_budget") == ["0", "0", "1", "1"]
+    rows = [r for r in table if r["comparison"] == "over_searches"]
+    assert len(rows) == 2 and all(r["n"] == "2" and r["search"] == "" for r in rows)
+    # the headline verdict is the one over searches (its interval contains the search noise)
+    assert prim["shown_verdict"] in [line for line in head.splitlines() if line.startswith("| cub |")][0]
+
+
+def test_read_report_csv_of_the_earlier_format(tmp_path):
+    (tmp_path / "report.csv").write_text(
+        "dataset,method,embedding,metric,mean,ci95,n,reference,verdict\n"
+        "cub,xml,separate,r_precision,0.25,0.01,3,,\n"
+        "cub,xml,separate,r_precision,0.02,0.01,3,baseline,better\n")
+    mean, diff = read_report_csv(tmp_path / "report.csv")
+    assert mean["comparison"] == "" and diff["comparison"] == "equal_budget" and diff["endpoint"] is None
+    assert math.isnan(diff["p_adjusted"]) and diff["boot_resamples"] is None
+    md, _ = compare([tmp_path])  # its verdict (no Holm in that file) still makes the cell bold
+    assert "**25.00 ± 1.00**" in md
+
+
 def _check_latex(tex):
     depth = 0
     for ch in re.sub(r"\\[{}]", "", tex):

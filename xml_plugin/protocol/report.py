@@ -471,7 +471,8 @@ def write_report(folder, rows: Sequence[Mapping], title: str, notes: str = "", d
     if not datasets:
         md_parts.append("\n(no results)\n")
     md_parts.append("\nCells: mean ± half-width of the 95% confidence interval over the reproductions, in percent; "
-                    "bold: better than the reference method by the paired test.\n")
+                    "bold: better than the reference method by the report's paired verdict (for the secondary cells, "
+                    "Holm-adjusted).\n")
     if notes:
         md_parts.append("\n" + notes.rstrip("\n") + "\n")
     markdown = "".join(md_parts)
