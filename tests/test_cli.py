@@ -161,3 +161,56 @@ def test_compare_two_finished_experiments_with_row_names(capsys, tmp_path):
     # without names the two experiments' rows collide: exit 2 and the message says how to name them
     assert main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "--compare_names" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# powerful-benchmarker's command line; --print_config checks what a run checks
+
+def test_pb_spellings_are_in_help_and_mean_the_same(capsys):
+    from xml_plugin.cli import build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "--n_trials N_TRIALS, --bayes_opt_iters N_TRIALS" in text and "--bayes_opt_iters is powerful-benchmarker's" in text
+    assert "~OVERRIDE~" in text and "~DELETE~" in text and "--from_pb PB_CONFIG_ROOT" in text and "[default, smoke]" in text
+    ours = run_main(capsys, ["--print_config", "--config_general", "smoke", "--n_trials", "5",
+                             "--optimizer.options~replace", "{lr: 0.1}", "--miner~delete"])
+    pb = run_main(capsys, ["--print_config", "--config_general", "[default,", "smoke]", "--bayes_opt_iters", "5",
+                           "--optimizer.options~OVERRIDE~", "{lr: 0.1}", "--miner~DELETE~"])
+    assert ours[0] == pb[0] == 0, pb[2]
+    assert pb[1] == ours[1]
+    cfg = yaml.safe_load(pb[1])
+    assert cfg["general"]["n_trials"] == 5 and cfg["optimizer"]["options"] == {"lr": 0.1} and "miner" not in cfg
+    assert cfg["trainer"]["max_epochs"] == C.load({"config_general": ["smoke"]})["trainer"]["max_epochs"]
+    folder = yaml.safe_load(run_main(capsys, ["--print_config", "--root_experiment_folder", "elsewhere"])[1])
+    assert folder["general"]["experiment_folder"] == "elsewhere"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--loss", "contrastive", "--loss.options.margn", "0.3"], ["takes no option 'margn'", "pos_margin"]),
+    (["--loss_funcs", "{metric_loss: {ContrastiveLoss: {}}}"], ["powerful-benchmarker key", "--from_pb"]),
+    (["--methods", "baseline", "--loss_wrapper.options.lam", "0.3"], ["applies to none of the compared methods"]),
+    (["--trainer.batch_size", "30"], ["multiple of the sampler's m"]),
+    (["--general.experiment_folder", "a", "b"], ["general.experiment_folder takes one value", "'a b'"]),
+])
+def test_print_config_makes_the_checks_of_a_run_and_writes_nothing(capsys, tmp_path, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(capsys, ["--print_config", "--experiment_name", "e",
+                                       "--experiment_folder", str(tmp_path / "exps")] + argv)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_print_config_of_a_valid_config_writes_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(capsys, ["--print_config", "--experiment_name", "e", "--methods", "baseline", "xml", "gsp",
+                                       "--config_general", "smoke"])
+    assert code == 0, err
+    assert yaml.safe_load(out)["general"]["methods"] == ["baseline", "xml", "gsp"]
+    assert list(tmp_path.iterdir()) == []  # not even experiments/
+
+
+def test_multi_valued_path_override_of_a_run_exits_2_without_a_traceback(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(capsys, ["--experiment_name", "e", "--general.experiment_folder", "a", "b"])
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

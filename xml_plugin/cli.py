@@ -14,8 +14,8 @@ EPILOG = """\
 config overrides (any key of the merged config, after the flags above):
   --section.key VALUE          set a key; VALUE is YAML ('0.5', 'true', '[a, b]', '{name: contrastive}');
                                a mapping VALUE is merged into the existing mapping
-  --section.key~replace VALUE  replace the key's value instead of merging
-  --section.key~delete         delete the key
+  --section.key~replace VALUE  replace the key's value instead of merging (~OVERRIDE~ is the same flag)
+  --section.key~delete         delete the key (~DELETE~ is the same flag)
   overrides apply last, over every method's overlay (config_methods/METHOD.yaml): --loss_wrapper.options.lam 0.3
                                sets XML's lambda; a key inside a section a method leaves empty applies to the
                                methods that have it
@@ -25,6 +25,13 @@ config overrides (any key of the merged config, after the flags above):
   examples: --trainer.batch_size 64   --loss.options '{margin: 0.2}'   --miner '{name: multi_similarity}'
 search markers (in YAML or on the command line) make a key searched by Optuna:
   --loss_wrapper.options.lam '{search: float, low: 0.01, high: 10, log: true}'
+
+coming from powerful-benchmarker (README, 'Coming from powerful-benchmarker'):
+  --config_general [default, smoke]   the list form of every --config_<category> (or names without brackets)
+  --bayes_opt_iters N                 the same as --n_trials N; --root_experiment_folder is --experiment_folder
+  --from_pb PB_CONFIG_ROOT [--config_<category> NAMES ...] [--from_pb_out FOLDER]
+                                      translate a powerful-benchmarker config folder into this project's config
+                                      files, list what has no equivalent, print the command that runs it here
 
 examples:
   python run.py --experiment_name xml_ms --loss multi_similarity
@@ -65,14 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to compare (default from config: baseline xml); see --list")
     for name in C.CATEGORIES:
         p.add_argument(f"--{name}", nargs="+", metavar="NAME", default=None,
-                       help=f"YAML files of benchmark_configs/{name}/ merged in order over its default.yaml")
+                       help=f"YAML files of benchmark_configs/{name}/ merged in order over its default.yaml "
+                            f"(names, [a, b] as in powerful-benchmarker, or paths of .yaml files)")
     p.add_argument("--dataset", help="data set: cards (default), kanji, cub200, cars196, sop, inshop")
     p.add_argument("--dataset_root", help="folder holding a real data set in its original format")
     p.add_argument("--loss", help="PML loss name, e.g. multi_similarity, contrastive, triplet_margin, proxy_anchor")
     p.add_argument("--trunk", help="mobilenet_v2 (default), efficientnet_lite0, resnet50, bninception")
     p.add_argument("--pooling", help="pooling of the baseline: gap (default), gmp; methods set their own")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--n_trials", type=int, help="Optuna trials per searched method (the same budget for all)")
+    p.add_argument("--n_trials", "--bayes_opt_iters", dest="n_trials", type=int,
+                   help="Optuna trials per searched method (the same budget for all); --bayes_opt_iters is "
+                        "powerful-benchmarker's name for it")
     p.add_argument("--reproductions", type=int, help="trainings of the best configuration that are tested")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the experiment folder; "
                                      "postgresql://user:pw@host/db for several workers)")
@@ -86,13 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="start an experiment whose folder holds another configuration over; the old folder (and its "
                         "studies) is kept as a backup <name>.backup-<time>")
-    p.add_argument("--experiment_folder", help="parent folder of experiments (default: experiments)")
+    p.add_argument("--experiment_folder", "--root_experiment_folder", dest="experiment_folder",
+                   help="parent folder of experiments (default: experiments; --root_experiment_folder is "
+                        "powerful-benchmarker's name for it)")
     p.add_argument("--compare", nargs="+", metavar="EXP", help="make one table from several finished experiment folders")
     p.add_argument("--compare_names", nargs="+", metavar="NAME",
                    help="row names for --compare, one per folder (default: each experiment's loss)")
     p.add_argument("--latex", action="store_true", help="with --compare: print the LaTeX table too")
     p.add_argument("--list", action="store_true", help="list registered components and methods, then exit")
-    p.add_argument("--print_config", action="store_true", help="print the merged config and exit")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the merged config and exit, after every check a real run makes (nothing is written)")
+    p.add_argument("--from_pb", metavar="PB_CONFIG_ROOT",
+                   help="translate a powerful-benchmarker config folder (the names of --config_<category>, default "
+                        "'default') into this project's config files, list the keys with no equivalent, print the "
+                        "command that runs it here")
+    p.add_argument("--from_pb_out", metavar="FOLDER",
+                   help="with --from_pb: the new folder of the translated files (default: PB_CONFIG_ROOT's name + "
+                        "_from_pb, in the working folder)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--evaluate", metavar="EXP", help="test the saved models of a finished experiment folder again "
                                                      "(every method, reproduction and fold), without training")
@@ -125,8 +145,27 @@ def parse(argv: Optional[List[str]] = None):
         overrides.insert(0, (path, value))
     if args.methods:
         overrides.insert(0, ("general.methods", list(args.methods)))
-    selection = {c: getattr(args, c) for c in C.CATEGORIES if getattr(args, c)}
+    try:
+        selection = {c: C.config_names(getattr(args, c)) for c in C.CATEGORIES if getattr(args, c)}
+    except C.ConfigError as exc:
+        parser.error(str(exc))
     return parser, args, selection, overrides
+
+
+def forwarded(argv: List[str]) -> List[str]:
+    """The command-line words that ``--from_pb``'s printed command keeps: all but ``--from_pb``, ``--from_pb_out`` and
+    the ``--config_<category>`` names (they named powerful-benchmarker files)."""
+    out, skip = [], False
+    for i, word in enumerate(argv):
+        if word.startswith("--") and len(word) > 2:
+            flag = word.split("=", 1)[0]
+            skip = flag in ("--from_pb", "--from_pb_out") or flag[2:] in C.CATEGORIES
+            if skip and "=" in word:
+                skip = False
+                continue
+        if not skip:
+            out.append(word)
+    return out
 
 
 INPUT_ERRORS = (C.ConfigError, registry.UnknownComponentError, FileNotFoundError)
@@ -164,14 +203,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.latex:
                 print(tex)
             return 0
+        if args.from_pb:
+            from .pb_compat import from_pb
+            text, cmd = from_pb(args.from_pb, selection, args.from_pb_out,
+                                forwarded(list(sys.argv[1:] if argv is None else argv)))
+            print(text)
+            print(f"run it here with:\n  {cmd}")
+            return 0
         presets = C.presets_for(selection, overrides)
+        from .protocol.experiment import Experiment
         if args.print_config:
             import yaml
+            # every check a real run makes (keys, numbers, names, each method's components), nothing written
+            Experiment(C.load(selection, presets=presets), args.experiment_name or "print_config", progress=False,
+                       overrides=overrides)
             print(yaml.safe_dump(C.load(selection, overrides, presets=presets), sort_keys=False))
             return 0
         if not args.experiment_name:
-            parser.error("--experiment_name is required (or --compare / --list / --print_config)")
-        from .protocol.experiment import Experiment
+            parser.error("--experiment_name is required (or --compare / --list / --print_config / --from_pb)")
         exp = Experiment(C.load(selection, presets=presets), args.experiment_name, progress=not args.no_progress,
                          overrides=overrides)
         if args.restart and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone moves the folder
