@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
 from xml_plugin.losses.moments import batch_moments, filter_moments, kalman_gain, match_moments
-from xml_plugin.losses.xbn import AdaptiveCrossBatchNormMemory, CrossBatchNormMemory
+from xml_plugin.losses.xbn import (DEFAULT_MEMORY_SIZE, AdaptiveCrossBatchNormMemory, CrossBatchNormMemory,
+                                   resolve_memory_size)
 
 D = 8
 
@@ -302,14 +303,19 @@ def test_gradients_flow_only_to_the_current_batch():
     assert not w.embedding_memory.requires_grad and w.embedding_memory.grad_fn is None
 
 
-def test_half_precision_input_keeps_float32_state():
+def test_half_precision_input_keeps_float32_statistics():
+    """The memory takes the embeddings' dtype (PML's choice, docs/xbn.md); the moments and the filter stay float32."""
+    fed = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=40, adaptation="axbn", normalize=False)
+    for e, y in make_batches(2):
+        fed(e.half(), y)
+    assert fed.embedding_memory.dtype == torch.float16 and fed.mean_hat.dtype == torch.float32
     w = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=40, adaptation="axbn", normalize=False)
+    w.embedding_memory = w.embedding_memory.half()
     for e, y in make_batches(3):
         w.adapt_memory(e.half())
         w.add_to_memory(e.half(), y, len(e))
-    assert w.embedding_memory.dtype == torch.float32 and w.mean_hat.dtype == torch.float32
-    m = w.embedding_memory[:24].mean(0)
-    assert torch.allclose(m, w.mean_hat, atol=1e-3)
+    m = w.embedding_memory[:24].float().mean(0)
+    assert torch.allclose(m, w.mean_hat, atol=2e-3)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -402,3 +408,79 @@ def test_enqueue_mask_matches_pml():
     xbn(e1, y1, enqueue_mask=mask)
     xbn(e2, y2, enqueue_mask=mask)
     assert torch.allclose(xbn.embedding_memory[:6].mean(0), e2[mask].mean(0), atol=1e-5)  # stats of the stored rows
+
+
+# ---- memory size from the training fold, the official XBM loss ------------------------------------
+
+@pytest.mark.parametrize("fraction, train_size, rows", [
+    (0.5, 253, 126), (0.5, 255, 128), (0.3, 1000, 300), (1.0, 77, 77), (1e-6, 100, 1), (0.5, 1, 1)])
+def test_memory_fraction_resolves_against_the_training_fold(fraction, train_size, rows):
+    """round(fraction * train_size) (halves to even), at least 1 row; written out per case."""
+    w = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_fraction=fraction, train_size=train_size)
+    assert w.memory_size == rows and w.embedding_memory.shape == (rows, D)
+    assert resolve_memory_size(None, fraction, train_size) == rows
+
+
+def test_memory_size_rules():
+    assert resolve_memory_size(48, 0.5, 1000) == 48  # a fixed size wins
+    assert resolve_memory_size(None, 0.5, None) == DEFAULT_MEMORY_SIZE == 1024  # no fold size: the default
+    assert resolve_memory_size() == 1024
+    for bad in (0, 1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="memory_fraction"):
+            resolve_memory_size(None, bad, 100)
+    with pytest.raises(ValueError, match="memory_size"):
+        resolve_memory_size(0, None, None)
+    with pytest.raises(ValueError, match="train_size"):
+        resolve_memory_size(None, 0.5, 0)
+
+
+def test_engine_sizes_the_memory_from_the_fold_per_preset():
+    """The presets' fractions (cards: the whole fold; kanji, SOP, In-Shop: half) reach the memory through the
+    engine's build_loss, which passes the fold's train_size."""
+    from xml_plugin import config as C
+    from xml_plugin.engine import train as T
+    from xml_plugin.protocol.experiment import method_config
+    for dataset, fraction in (("cards", 1.0), ("kanji", 0.5), ("sop", 0.5), ("inshop", 0.5)):
+        overrides = [("dataset.name", dataset)]
+        cfg = C.load({}, overrides, presets=C.presets_for({}, overrides))
+        for method in ("xbm", "xbn", "axbn"):
+            mcfg = C.resolve(method_config(cfg, method))
+            opts = mcfg["loss_wrapper"]["options"]
+            assert opts["memory_fraction"] == fraction and "memory_size" not in opts, (dataset, method)
+            assert opts["in_batch_loss"] is True and opts["enqueue_during_warmup"] is False
+            built = T.build_loss(mcfg, num_classes=10, emb_size=D, histogram_size=None, train_size=1501)
+            assert built.memory_size == round(fraction * 1501), (dataset, method)
+
+
+def test_memory_weight_scales_the_memory_term():
+    batches = make_batches(4)
+    for adaptation in ("none", "xbn"):
+        one = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=30, adaptation=adaptation)
+        half = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=30, adaptation=adaptation,
+                                    memory_weight=0.5, in_batch_loss=True)
+        loss = losses.ContrastiveLoss()
+        for e, y in batches:
+            en = F.normalize(e, dim=1) if adaptation != "none" else e
+            assert torch.allclose(half(e, y), 0.5 * one(e, y) + loss(en, y), atol=1e-6)
+    with pytest.raises(ValueError, match="memory_weight"):
+        CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_weight=-1.0)
+    with pytest.raises(ValueError, match="memory_weight"):
+        CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_weight=0.0)  # and no in-batch term: a zero loss
+
+
+def test_official_xbm_form_fills_the_memory_only_after_the_warmup():
+    """in_batch_loss + enqueue_during_warmup=False: during the warm-up the in-batch loss alone and an empty memory;
+    from then on the in-batch loss plus the loss against a memory holding only post-warm-up batches."""
+    batches = make_batches(5)
+    loss = losses.ContrastiveLoss()
+    official = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=100, adaptation="none",
+                                    in_batch_loss=True, warmup_iterations=2, enqueue_during_warmup=False)
+    late = CrossBatchNormMemory(losses.ContrastiveLoss(), D, memory_size=100, adaptation="none")  # sees batches 2..4
+    for t, (e, y) in enumerate(batches):
+        got = official(e, y)
+        if t < 2:
+            assert torch.equal(got, loss(e, y)) and official.queue_idx == 0 and not official.has_been_filled
+        else:
+            assert torch.allclose(got, late(e, y) + loss(e, y), atol=1e-6)
+            assert official.queue_idx == 12 * (t - 1)
+    assert torch.equal(official.embedding_memory, late.embedding_memory)

@@ -5,6 +5,9 @@ A drop-in for pytorch-metric-learning's ``CrossBatchMemory`` (same call, same ``
 ``state_dict()`` / ``load_state_dict()`` restore the memory on resume. Before the batch is enqueued the
 stored embeddings are moved, per dimension, to the batch's moments (``"xbn"``), to Kalman-filtered
 moments (``"axbn"``) or to EMA-filtered moments (``"ema"``); ``"none"`` is plain XBM.
+
+The memory's size is ``memory_size`` rows, or ``memory_fraction`` of the training fold (``train_size`` images, passed
+by the engine): :func:`resolve_memory_size`. Its dtype follows the embeddings, as PML's does.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..registry import register
 from .moments import batch_moments, filter_moments, kalman_measure, kalman_predict, match_moments
 
 ADAPTATIONS = ("none", "xbn", "axbn", "ema")
+DEFAULT_MEMORY_SIZE = 1024  # PML's default, used when neither memory_size nor a resolvable memory_fraction is given
 _STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -32,6 +36,29 @@ def _stats_dtype(value) -> torch.dtype:
     raise ValueError(f"stats_dtype must be one of {list(_STATS_DTYPES)}, got {value!r}")
 
 
+def resolve_memory_size(memory_size: Optional[int] = None, memory_fraction: Optional[float] = None,
+                        train_size: Optional[int] = None) -> int:
+    """The memory's number of rows (docs/xbn.md, "Memory size").
+
+    ``memory_size`` when given (a fixed size wins); else ``round(memory_fraction * train_size)`` clipped to
+    ``[1, train_size]`` (Python's round: halves to even) when both are known; else ``DEFAULT_MEMORY_SIZE``
+    (a fraction without a training-set size, e.g. a component built on placeholder sizes, cannot be resolved).
+    """
+    if memory_size is not None:
+        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
+            raise ValueError(f"memory_size must be an int >= 1 (or null to use memory_fraction), got {memory_size!r}")
+        return memory_size
+    if memory_fraction is not None:
+        if (isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float))
+                or not 0 < memory_fraction <= 1):
+            raise ValueError(f"memory_fraction must be in (0, 1] (a share of the training fold), got {memory_fraction!r}")
+        if train_size is not None:
+            if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+                raise ValueError(f"train_size must be an int >= 1, got {train_size!r}")
+            return min(train_size, max(1, round(memory_fraction * train_size)))
+    return DEFAULT_MEMORY_SIZE
+
+
 class CrossBatchNormMemory(CrossBatchMemory):
     """XBM whose stored embeddings are moment-matched to the current batch before each enqueue (XBN/AXBN).
 
@@ -39,20 +66,25 @@ class CrossBatchNormMemory(CrossBatchMemory):
     EMA's (``ema``); (2) move the valid memory rows to them, ``z <- (z - mean_mem) / std_mem * std_t + mean_t``
     (no gradient); (3) enqueue the batch; (4) the loss of the batch against the memory, as in XBM.
     ``adaptation="none"`` skips (1)-(2) and is PML's ``CrossBatchMemory``, with a checkpointable state.
+    The returned loss is ``memory_weight * L(batch vs memory)`` (+ ``L(batch)`` with ``in_batch_loss``: the
+    official XBM code's total, with ``memory_weight = 1``).
     """
 
     needs_histograms = False
 
-    def __init__(self, loss, embedding_size, memory_size=1024, miner=None, adaptation="xbn",
+    def __init__(self, loss, embedding_size, memory_size=None, miner=None, adaptation="xbn",
                  q=1.0, r=0.01, p0=1.0, gain_interval=1, ema_gain=0.1, min_rows=2, std_eps=1e-6,
                  population_std=True, stats_dtype="float32", normalize=None, in_batch_loss=False,
-                 warmup_iterations=0):
+                 warmup_iterations=0, memory_fraction=None, train_size=None, memory_weight=1.0,
+                 enqueue_during_warmup=True):
         if adaptation not in ADAPTATIONS:
             raise ValueError(f"adaptation must be one of {list(ADAPTATIONS)}, got {adaptation!r}")
         if not (isinstance(embedding_size, int) and embedding_size >= 1):
             raise ValueError(f"embedding_size must be an int >= 1, got {embedding_size!r}")
-        if not (isinstance(memory_size, int) and memory_size >= 1):
-            raise ValueError(f"memory_size must be an int >= 1, got {memory_size!r}")
+        memory_size = resolve_memory_size(memory_size, memory_fraction, train_size)
+        if not (isinstance(memory_weight, (int, float)) and not isinstance(memory_weight, bool)
+                and 0 <= memory_weight < float("inf")):
+            raise ValueError(f"memory_weight must be a finite number >= 0, got {memory_weight!r}")
         if q < 0:
             raise ValueError(f"q must be >= 0, got {q}")
         if r < 0:
@@ -84,7 +116,13 @@ class CrossBatchNormMemory(CrossBatchMemory):
         # auto: L2-normalise when adapting (the XBN setting), keep PML's raw behaviour for "none"
         self.normalize = (adaptation != "none") if normalize is None else normalize
         self.in_batch_loss = bool(in_batch_loss)
+        if not self.in_batch_loss and memory_weight == 0:
+            raise ValueError("memory_weight is 0 and in_batch_loss is False: the loss would be 0; "
+                             "enable in_batch_loss or make memory_weight > 0")
         self.warmup_iterations = warmup_iterations
+        self.memory_fraction = None if memory_fraction is None else float(memory_fraction)
+        self.memory_weight = float(memory_weight)
+        self.enqueue_during_warmup = bool(enqueue_during_warmup)
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner)
         self.add_to_recordable_attributes(list_of_names=["last_gain"], is_stat=False)
 
@@ -93,7 +131,8 @@ class CrossBatchNormMemory(CrossBatchMemory):
     def reset_queue(self):
         """Empty the memory and reset the filter (also called by the constructor)."""
         d, sd = self.embedding_size, self.stats_dtype
-        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, d))  # [M, d], float32
+        # [M, d]; float32 until the first batch, then the embeddings' dtype (as PML)
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, d))
         self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.long))  # [M]
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
@@ -133,11 +172,21 @@ class CrossBatchNormMemory(CrossBatchMemory):
         n = self.num_valid_rows
         return self.embedding_memory[:n], self.label_memory[:n]
 
-    def _follow_device(self, device: torch.device) -> None:
+    def _follow(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Buffers follow the embeddings' device; the memory also takes their dtype (PML's behaviour)."""
         if self.embedding_memory.device != device:
             for name, buf in list(self._buffers.items()):
                 if buf is not None:
                     self._buffers[name] = buf.to(device)
+        if self.embedding_memory.dtype != dtype:
+            self.embedding_memory = self.embedding_memory.to(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a memory saved in another dtype (float64 embeddings ...) is restored in that dtype, not cast to ours
+        saved = state_dict.get(prefix + "embedding_memory")
+        if isinstance(saved, torch.Tensor) and saved.dtype != self.embedding_memory.dtype:
+            self.embedding_memory = self.embedding_memory.to(saved.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- the cross-batch normalization step --------------------------------------------------------
 
@@ -187,7 +236,7 @@ class CrossBatchNormMemory(CrossBatchMemory):
         return True
 
     def add_to_memory(self, embeddings, labels, batch_size):
-        """FIFO enqueue (PML's order and pointer arithmetic), stored in the memory's dtype (float32)."""
+        """FIFO enqueue (PML's order and pointer arithmetic), stored in the memory's dtype."""
         self.curr_batch_idx = (
             torch.arange(self.queue_idx, self.queue_idx + batch_size, device=labels.device) % self.memory_size
         )
@@ -199,6 +248,26 @@ class CrossBatchNormMemory(CrossBatchMemory):
             self.has_been_filled = True
 
     # ---- forward ------------------------------------------------------------------------------------
+
+    def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons):
+        """The tuples of the batch against the memory (PML's: the miner's, or all pairs, minus self-comparisons),
+        followed by the input ``indices_tuple``, whose reference indices (into the batch, as a miner on the batch
+        gives them) are moved to the batch's slots in the memory. PML 2.9 appends them as memory positions, which pairs
+        an anchor with an unrelated row (docs/xbn.md, "An input indices_tuple")."""
+        indices = super().create_indices_tuple(embeddings, labels, E_mem, L_mem, None, do_remove_self_comparisons)
+        if input_indices_tuple is None:
+            return indices
+        given = input_indices_tuple
+        if len(given) == 3 and len(indices) == 4:
+            given = lmu.convert_to_pairs(given, labels)
+        elif len(given) == 4 and len(indices) == 3:
+            given = lmu.convert_to_triplets(given, labels)
+        slot = self.curr_batch_idx.to(given[1].device)  # [B] memory row of each batch row
+        if len(given) == 4:
+            given = (given[0], slot[given[1]], given[2], slot[given[3]])
+        else:
+            given = (given[0], slot[given[1]], slot[given[2]])
+        return c_f.concatenate_indices_tuples(indices, given)
 
     def _in_batch_indices(self, embeddings, labels, indices_tuple):
         if self.miner is None:
@@ -213,12 +282,13 @@ class CrossBatchNormMemory(CrossBatchMemory):
         return c_f.concatenate_indices_tuples(mined, indices_tuple)
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
-        """Adapt the memory, enqueue, then ``loss(batch vs memory)`` (+ the in-batch loss if enabled).
+        """Adapt the memory, enqueue, then ``memory_weight * loss(batch vs memory)`` (+ the in-batch loss if enabled).
 
         ``embeddings`` [B, d], ``labels`` [B]; ``indices_tuple`` / ``enqueue_mask`` as in PML's
         ``CrossBatchMemory`` (mutually exclusive; with ``enqueue_mask`` only the masked rows are stored
         and only the others are queries). Before ``warmup_iterations`` forward calls, only the in-batch
-        loss is returned, but the memory is still adapted and filled.
+        loss is returned; the memory is still adapted and filled then, unless ``enqueue_during_warmup`` is
+        False (the official XBM code: the memory starts at the end of the warm-up).
         """
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
@@ -226,7 +296,7 @@ class CrossBatchNormMemory(CrossBatchMemory):
             raise ValueError(f"enqueue_mask has {len(enqueue_mask)} entries for {len(embeddings)} embeddings")
         self.reset_stats()
         device = embeddings.device
-        self._follow_device(device)
+        self._follow(device, embeddings.dtype)
         labels = c_f.to_device(labels, device=device)
         if self.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=1)
@@ -241,10 +311,11 @@ class CrossBatchNormMemory(CrossBatchMemory):
         if len(emb_for_queue) > self.memory_size:
             raise ValueError(f"{len(emb_for_queue)} rows to enqueue exceed memory_size={self.memory_size}")
 
-        self.adapt_memory(emb_for_queue)
-        self.add_to_memory(emb_for_queue, labels_for_queue, len(emb_for_queue))
         use_memory = int(self.iteration) >= self.warmup_iterations
         self.iteration += 1
+        if use_memory or self.enqueue_during_warmup:
+            self.adapt_memory(emb_for_queue)
+            self.add_to_memory(emb_for_queue, labels_for_queue, len(emb_for_queue))
 
         total = None
         if use_memory:
@@ -255,6 +326,8 @@ class CrossBatchNormMemory(CrossBatchMemory):
                 embeddings, labels, e_mem, l_mem, indices_tuple, do_remove_self_comparisons
             )
             total = self.loss(embeddings, labels, mem_indices, e_mem, l_mem)
+            if self.memory_weight != 1.0:
+                total = self.memory_weight * total
         if not use_memory or self.in_batch_loss:
             in_batch = self.loss(embeddings, labels, self._in_batch_indices(embeddings, labels, indices_tuple))
             total = in_batch if total is None else total + in_batch
@@ -262,7 +335,8 @@ class CrossBatchNormMemory(CrossBatchMemory):
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, "
-                f"adaptation={self.adaptation!r}, normalize={self.normalize}")
+                f"adaptation={self.adaptation!r}, normalize={self.normalize}, in_batch_loss={self.in_batch_loss}, "
+                f"memory_weight={self.memory_weight}")
 
 
 class AdaptiveCrossBatchNormMemory(CrossBatchNormMemory):
@@ -285,14 +359,18 @@ class CrossBatchMemoryXBM(CrossBatchNormMemory):
     ``CrossBatchMemory`` but with its memory in ``state_dict()`` (a resumed fold continues with its memory), and the
     same options as XBN (``warmup_iterations`` ...) so that the two are compared on equal terms."""
 
-    def __init__(self, loss, embedding_size, memory_size=1024, miner=None, normalize=None, in_batch_loss=False,
-                 warmup_iterations=0):
+    def __init__(self, loss, embedding_size, memory_size=None, miner=None, normalize=None, in_batch_loss=False,
+                 warmup_iterations=0, memory_fraction=None, train_size=None, memory_weight=1.0,
+                 enqueue_during_warmup=True):
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, adaptation="none",
-                         normalize=normalize, in_batch_loss=in_batch_loss, warmup_iterations=warmup_iterations)
+                         normalize=normalize, in_batch_loss=in_batch_loss, warmup_iterations=warmup_iterations,
+                         memory_fraction=memory_fraction, train_size=train_size, memory_weight=memory_weight,
+                         enqueue_during_warmup=enqueue_during_warmup)
 
 
 register("loss_wrapper", CrossBatchNormMemory, name="xbn")
 register("loss_wrapper", AdaptiveCrossBatchNormMemory, name="axbn")
 register("loss_wrapper", CrossBatchMemoryXBM, name="xbm")
 
-__all__ = ["CrossBatchNormMemory", "AdaptiveCrossBatchNormMemory", "CrossBatchMemoryXBM", "ADAPTATIONS"]
+__all__ = ["CrossBatchNormMemory", "AdaptiveCrossBatchNormMemory", "CrossBatchMemoryXBM", "ADAPTATIONS",
+           "resolve_memory_size", "DEFAULT_MEMORY_SIZE"]
