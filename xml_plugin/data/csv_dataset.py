@@ -37,15 +37,34 @@ def read_rows(csv_path: Path) -> List[Dict[str, str]]:
     """The CSV's rows as dicts; a missing file or a missing required column is a ConfigError."""
     if not csv_path.is_file():
         raise ConfigError(f"--dataset csv needs --dataset_root pointing at a CSV file; {csv_path} does not exist")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED if c not in columns]
-        if missing:
-            raise ConfigError(f"{csv_path} has no column {missing[0]!r} (columns found: {', '.join(columns) or 'none'});"
-                              f" a data set CSV needs the columns label and path, optionally split, is_query, is_gallery")
-        reader.fieldnames = columns
-        return [r for r in reader if any((v or "").strip() for v in r.values())]
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED if c not in columns]
+            if missing:
+                raise ConfigError(f"{csv_path} has no column {missing[0]!r} (columns found: "
+                                  f"{', '.join(columns) or 'none'}); a data set CSV needs the columns label and path, "
+                                  f"optionally split, is_query, is_gallery")
+            reader.fieldnames = columns
+            return [r for r in reader if any((v or "").strip() for v in r.values())]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{csv_path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise ConfigError(f"{csv_path} is not a readable CSV file ({exc}); one row per image, columns label, path")
+
+
+def unreadable_images(paths: List[Path]) -> List[Path]:
+    """The files that are not images PIL can identify (their header is read, not the pixels)."""
+    from PIL import Image, UnidentifiedImageError
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.size  # noqa: B018 - the header is parsed
+        except (UnidentifiedImageError, OSError, ValueError):
+            bad.append(p)
+    return bad
 
 
 class CSVDataset(DMLDataset):
@@ -69,6 +88,10 @@ class CSVDataset(DMLDataset):
             if absent:
                 raise ConfigError(f"{self.csv_path}: {len(absent)} image file(s) listed in column path do not exist, "
                                   f"e.g. {absent[0]} (paths are relative to the CSV's folder)")
+            bad = unreadable_images(paths)
+            if bad:
+                raise ConfigError(f"{self.csv_path}: {len(bad)} file(s) listed in column path are not images that can "
+                                  f"be decoded, e.g. {bad[0]}: remove those rows or convert the files (JPEG, PNG ...)")
         raw = [r["label"].strip() for r in rows]
         try:
             keys = [int(v) for v in raw]

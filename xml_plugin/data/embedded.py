@@ -58,6 +58,14 @@ def _remove_stale_builds(root: Path, name: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+PROGRESS = {"on": True}  # the builders' progress bars; off with run.py --no_progress (see set_progress)
+
+
+def set_progress(on: bool) -> None:
+    """Show (or hide) the embedded data sets' build progress bars."""
+    PROGRESS["on"] = bool(on)
+
+
 def build_once(name: str, version: int, options: Dict, builder: Callable[[Path], Dict],
                root: Optional[Path] = None) -> Path:
     """Folder ``root/<name>-v<version>-<hash(options)>`` holding ``index.json``; runs
@@ -204,7 +212,8 @@ def _build_cards(tmp: Path, decks: Sequence[str], image_size: int, deck_dir: Pat
 
     tasks = [(deck, card) for deck in decks for card in CARD_IDS]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rels = list(tqdm(pool.map(one, tasks), total=len(tasks), desc="building cards", unit="card", mininterval=1.0))
+        rels = list(tqdm(pool.map(one, tasks), total=len(tasks), desc="building cards", unit="card", mininterval=1.0,
+                         disable=not PROGRESS["on"]))
     shutil.rmtree(tmp / "svg")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
     return {"class_names": list(CARD_IDS),
@@ -325,7 +334,7 @@ def _build_kanji(tmp: Path, fonts: Sequence[str], num_classes: int, image_size: 
         candidates = [candidates[i] for i in np.random.default_rng(seed).permutation(len(candidates))]
     faces = [ImageFont.truetype(str(p), round(0.75 * image_size), index=i) for p, i in files]
     chosen: List[Tuple[int, List[Image.Image]]] = []
-    bar = tqdm(total=num_classes, desc="building kanji", unit="class", mininterval=1.0)
+    bar = tqdm(total=num_classes, desc="building kanji", unit="class", mininterval=1.0, disable=not PROGRESS["on"])
     for cp in candidates:  # keep a code point only if every font draws ink for it
         imgs = [render_glyph(face, chr(cp), image_size) for face in faces]
         if all(im is not None for im in imgs):

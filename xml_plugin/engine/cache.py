@@ -31,7 +31,19 @@ from .io import DamagedFileError, atomic_write_json, file_checksum, read_json_ch
 
 CACHE_VERSION = 1
 ARRAYS = ("eval.npy", "train.npy")
-_VERIFIED: Dict[str, int] = {}  # cache folder -> meta.json's mtime, for the folders this process has verified
+_VERIFIED: Dict[str, tuple] = {}  # cache folder -> its files' (size, mtime) when this process verified them
+
+
+def _stamp(folder: Path) -> tuple:
+    """The sizes and modification times of a cache's files: a file changed since it was verified is verified again."""
+    out = []
+    for name in ("meta.json", *ARRAYS):
+        try:
+            st = (folder / name).stat()
+            out.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
 
 
 def array_record(path: Path) -> Dict[str, Any]:
@@ -246,7 +258,7 @@ class FeatureCache:
                                                   "arrays": {a: array_record(tmp / a) for a in ARRAYS}})
             try:
                 os.replace(tmp, self.folder)
-                _VERIFIED[str(self.folder)] = (self.folder / "meta.json").stat().st_mtime_ns  # checksummed just now
+                _VERIFIED[str(self.folder)] = _stamp(self.folder)  # checksummed just now
             except OSError:  # another worker finished the same cache first: use theirs
                 if not self.complete:
                     raise
@@ -270,15 +282,15 @@ class FeatureCache:
         written before checksums were recorded gets them now."""
         meta_path = self.folder / "meta.json"
         meta = read_json_checked(meta_path)
-        stamp = meta_path.stat().st_mtime_ns
-        if _VERIFIED.get(str(self.folder)) == stamp:
+        if not isinstance(meta, dict) or "views" not in meta:
+            raise DamagedFileError(meta_path, "not a feature cache's meta.json")
+        if _VERIFIED.get(str(self.folder)) == _stamp(self.folder):
             return meta
         if "arrays" not in meta:  # an older cache: record what it holds now
             meta["arrays"] = {a: array_record(self.folder / a) for a in ARRAYS}
             atomic_write_json(meta_path, meta)
-            stamp = meta_path.stat().st_mtime_ns
         verify_arrays(self.folder, meta["arrays"])
-        _VERIFIED[str(self.folder)] = stamp
+        _VERIFIED[str(self.folder)] = _stamp(self.folder)
         return meta
 
     def _remove_dead_builds(self) -> None:

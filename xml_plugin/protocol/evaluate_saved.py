@@ -14,9 +14,10 @@ import torch
 from .. import config as C
 from ..engine import train as T
 from ..engine.evaluate import fold_ensemble_metrics, mean_metrics, query_gallery, split_metrics
-from ..engine.io import read_json
+from ..engine.io import read_json, read_json_checked
 from . import slots
 from .experiment import Experiment
+from .names import NAME_RE, study_name
 from .run_index import read_index, read_run
 
 SPLITS = ("test", "val")
@@ -43,6 +44,11 @@ def open_experiment(folder: Path, progress: bool = True) -> SavedExperiment:
     cfg = C.load_yaml(folder / "config.yaml")
     cfg["general"]["experiment_folder"] = str(folder.resolve().parent)
     exp = SavedExperiment(cfg, folder.resolve().name, progress=progress)
+    info = folder / "experiment.json"
+    if info.is_file():  # a folder copied or renamed (a download, a --restart backup) keeps its studies' names
+        recorded = read_json_checked(info, "take the folder again from where it came").get("name")
+        if isinstance(recorded, str) and NAME_RE.fullmatch(recorded):
+            exp.study_prefix = recorded
     exp.setup()
     return exp
 
@@ -96,7 +102,7 @@ def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
     results: Dict[str, List[Dict[str, Any]]] = {}
     for method in exp.methods:
         try:
-            study = optuna.load_study(study_name=f"{exp.name}.{method}.reproductions", storage=exp.storage)
+            study = optuna.load_study(study_name=study_name(exp.study_prefix, method, "reproductions"), storage=exp.storage)
         except KeyError:
             raise C.ConfigError(f"{exp.folder}: method {method!r} has no reproductions yet; finish the experiment "
                                 f"(rerun its command), then --evaluate") from None

@@ -25,7 +25,7 @@ from ..engine import distributed as D
 from ..engine import train as T
 from ..engine.cache import FeatureCache, pooled_choice
 from ..engine.evaluate import fold_ensemble_metrics, query_gallery
-from ..engine.io import atomic_write_json, read_json, read_json_checked, stable_hash
+from ..engine.io import DamagedFileError, atomic_write_json, read_json, read_json_checked, stable_hash
 from ..engine.model import build_trunk, frozen_blocks
 from . import slots
 from .log import ExperimentLog, experiment_bar
@@ -372,6 +372,34 @@ def check_numbers(cfg: Dict[str, Any]) -> None:
         raise C.ConfigError(f"general.reference {ref!r} is not one of the compared methods {cfg['general']['methods']}")
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Drops Optuna's "Trial N failed ... KeyboardInterrupt" warning (with its traceback) and the line after it: Ctrl-C
+    is not a failure, and the command line prints one "interrupted" line instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop_next = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        if (exc is not None and issubclass(exc, KeyboardInterrupt)) or "KeyboardInterrupt" in str(record.msg):
+            self.drop_next = True
+            return False
+        if self.drop_next and "failed with value" in str(record.msg):
+            self.drop_next = False
+            return False
+        return True
+
+
+def quiet_interrupts() -> None:
+    """Install :class:`_NoInterruptTraceback` on Optuna's log handlers (once)."""
+    logger = optuna.logging._get_library_root_logger() if hasattr(optuna.logging, "_get_library_root_logger") \
+        else logging.getLogger("optuna")
+    for handler in logger.handlers or [logger]:
+        if not any(isinstance(f, _NoInterruptTraceback) for f in handler.filters):
+            handler.addFilter(_NoInterruptTraceback())
+
+
 def _db_errors():
     from sqlalchemy.exc import DatabaseError
     return DatabaseError
@@ -422,6 +450,7 @@ class Experiment:
         check_numbers(cfg)
         g = cfg["general"]
         self.folder = Path(g["experiment_folder"]) / check_name(name)
+        self.study_prefix = name  # the studies' names start with it (a copied or renamed folder keeps its studies')
         self.storage_url = g.get("storage") or f"sqlite:///{(self.folder / 'optuna.db').resolve()}"
         self.methods: List[str] = [registry.canonical_name("method", m) for m in g["methods"]]
         for m in (cfg.get(METHOD_OVERRIDES) or {}):  # a data-set preset may set values for methods not compared
@@ -470,15 +499,17 @@ class Experiment:
         if not self.folder.exists():
             return None
         self.folder.rename(backup)
+        info, recorded = backup / "experiment.json", None
+        try:
+            recorded = read_json(info) if info.is_file() else None
+        except ValueError:  # a damaged experiment.json: the backup keeps it as it was
+            pass
         db = backup / "optuna.db"
-        if not self.cfg["general"].get("storage") and db.is_file():
-            _rename_studies(open_storage(f"sqlite:///{db.resolve()}", 5), self.name, backup.name)
-        info = backup / "experiment.json"
-        if info.is_file():
-            try:
-                atomic_write_json(info, {**read_json(info), "name": backup.name})
-            except ValueError:  # a damaged experiment.json: the backup keeps it as it was
-                pass
+        if not self.cfg["general"].get("storage") and db.is_file():  # its studies carry the recorded name
+            owner = recorded.get("name") if isinstance(recorded, dict) else None
+            _rename_studies(open_storage(f"sqlite:///{db.resolve()}", 5), owner or self.name, backup.name)
+        if isinstance(recorded, dict):
+            atomic_write_json(info, {**recorded, "name": backup.name})
         return backup
 
     def _validate(self, mcfg: Dict[str, Any], method: str) -> None:
@@ -510,8 +541,9 @@ class Experiment:
         """Data set, class-disjoint splits, trunk and (on CPU by default) the frozen-trunk feature cache."""
         if self.ctx is not None:
             return self.ctx
-        from ..data import eval_transform, get_dataset, protocol_splits, train_transform
+        from ..data import embedded, eval_transform, get_dataset, protocol_splits, train_transform
 
+        embedded.set_progress(self.progress)
         cfg = self.cfg
         if D.init_from_env() > 1 and not D.is_main():  # torchrun: rank 0 claims the folder and builds the cache first
             D.barrier()
@@ -554,6 +586,7 @@ class Experiment:
             self.resolved["cache_pooled"] = True
         if self.cfg["general"].get("storage"):
             self.storage  # an unreachable server is reported before anything is written
+        self._check_batches(labels, split, method_cfgs)
         if D.is_main():
             self._claim_folder(dataset, split)
         cache = None
@@ -571,6 +604,18 @@ class Experiment:
         if D.is_main():
             D.barrier()
         return self.ctx
+
+    def _check_batches(self, labels: np.ndarray, split, method_cfgs: List[Dict[str, Any]]) -> None:
+        """Every method's sampler gives at least one batch on every fold's training classes (ConfigError naming the
+        fold and the fix otherwise), before the folder is claimed."""
+        seed = int(self.cfg["general"].get("seed", 0))
+        for method, mcfg in zip(self.methods, method_cfgs):
+            for f, (tr, _) in enumerate(split.folds):
+                train_labels = np.unique(labels[np.asarray(tr)], return_inverse=True)[1]
+                try:
+                    T.make_batches(train_labels, C.resolve(mcfg), 1, seed)
+                except C.ConfigError as exc:
+                    raise C.ConfigError(f"method {method!r}, fold {f}: {exc}") from None
 
     def fingerprint(self, dataset) -> Dict[str, Any]:
         """What decides this experiment's results: every method's config (overlays, overrides, search markers),
@@ -665,7 +710,7 @@ class Experiment:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=int(search.get("pruner_startup_trials", 3))) \
             if g.get("pruner", "none") == "median" else optuna.pruners.NopPruner()
         try:
-            study = optuna.create_study(study_name=study_name(self.name, method, part), storage=self.storage,
+            study = optuna.create_study(study_name=study_name(self.study_prefix, method, part), storage=self.storage,
                                         direction="maximize", sampler=self.sampler(0), pruner=pruner,
                                         load_if_exists=True)
         except (optuna.exceptions.StorageInternalError, _db_errors()) as exc:
@@ -764,8 +809,14 @@ class Experiment:
             for f in range(len(self.split.folds)):
                 record_run(self.folder, self.run_dir(method, ccfg, f, seed), method, "reproduction", slot, f, seed,
                            params, ccfg, self.resolved)
-                self._train(method, ccfg, f, seed, desc=f"{method} reproduction {slot + 1}/{n} fold {f + 1}")
-                model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
+                desc = f"{method} reproduction {slot + 1}/{n} fold {f + 1}"
+                self._train(method, ccfg, f, seed, desc=desc)
+                try:
+                    model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
+                except DamagedFileError as exc:  # the fold is trained again: deterministic, the same model
+                    T.discard_run(self.run_dir(method, ccfg, f, seed), exc.reason)
+                    self._train(method, ccfg, f, seed, desc=desc)
+                    model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
                 embs.append(T.embed(model, self.ctx, test, eval_bs))
             per_fold, separate, concatenated, cat = fold_ensemble_metrics(embs, test_labels, is_q, is_g,
                                                                           recall_ks=self.recall_ks)
@@ -791,6 +842,7 @@ class Experiment:
 
     # ---------------------------------------------------------------- all of it
     def run(self) -> str:
+        quiet_interrupts()
         self.setup()
         if not D.is_main():  # torchrun: rank 0 runs the Optuna bookkeeping and the report, this rank follows it
             D.follow(self._train, expected=(TrialFailed,))
