@@ -244,8 +244,8 @@ def test_what_has_no_equivalent_is_listed():
                     "sampler": None,
                     "models": {"trunk": {"inception_v4": {}}, "embedder": {"MLP": {"layer_sizes": [512, 128]}}},
                     "batch_size~INT_BAYESIAN~": [32, 256],
-                    "transforms": {"train": {"ColorJitter": {"brightness": 0.2}, "RandomResizedCrop": {"size": 224,
-                                                                                                         "ratio": "1 2"}}},
+                    "transforms": {"train": {"ColorJitter": {"brightness": 0.2},
+                                             "RandomResizedCrop": {"size": 224, "ratio": "1 2"}}},
                     "lr_schedulers": {"trunk_scheduler_by_epoch": {"StepLR": {"step_size": 2}}}})
     left = dict(t.left)
     assert "no loss 'NoSuchLoss'" in left["loss_funcs.metric_loss"]
@@ -262,7 +262,8 @@ def test_what_has_no_equivalent_is_listed():
 
 
 def test_older_pb_keys_identity_embedder_nested_distance_and_default_split():
-    t = _translate({"batch_size": 64, "test_size": 0.5, "num_training_partitions": 3, "training_method": "MetricLossOnly",
+    t = _translate({"batch_size": 64, "test_size": 0.5, "num_training_partitions": 3,
+                    "training_method": "MetricLossOnly",
                     "dataset": {"Cars196": {}}, "models": {"embedder": {"Identity": {}}},
                     "split_manager": {"ClassDisjointSplitManager": {"test_size": 0.4, "test_start_idx": 0.5}},
                     "loss_funcs": {"metric_loss": {"ContrastiveLoss": {"pos_margin": 0.1,

@@ -1,4 +1,4 @@
-"""``run.py --from_pb PB_CONFIG_ROOT``: a powerful-benchmarker (PB) config folder translated into this project's configs.
+"""``run.py --from_pb PB_CONFIG_ROOT``: a powerful-benchmarker (PB) config folder translated into configs here.
 
 PB keeps one YAML folder per category (``config_general/``, ``config_models/`` ...), merges the chosen names of each
 (``--config_general [default, with_x]``) with its own flags (``~OVERRIDE~``, ``~DELETE~``, ``~APPLY~N``, ``~SWAP~N``),
@@ -334,8 +334,8 @@ def _embedder(t: Translation, path: str, spec: Any) -> None:
         return
     sizes = opts.get("layer_sizes")
     if cls != "MLP" or not isinstance(sizes, list) or len(sizes) != 1:
-        t.skip(f"{path}.{cls}", "only MLP with one layer (layer_sizes: [N]) translates: the embedder here is one linear "
-                                "map (a 1x1 projection of the trunk's features, before the pooling)")
+        t.skip(f"{path}.{cls}", "only MLP with one layer (layer_sizes: [N]) translates: the embedder here is one "
+                                "linear map (a 1x1 projection of the trunk's features, before the pooling)")
         return
     t.put(f"{path}.MLP.layer_sizes", "embedder.size", sizes[0], "a linear 1x1 projection before pooling")
     t.put(f"{path}.MLP", "embedder.name", "conv1x1")
@@ -484,7 +484,8 @@ def _transforms(t: Translation, value: Any) -> None:
 _EVAL = {"eval_batch_size": ("eval.batch_size", None)}
 _EVAL_SAME = {"eval_normalize_embeddings": (True,), "eval_metric_for_best_epoch": ("mean_average_precision_at_r",
                                                                                    "mean_average_r_precision"),
-              "eval_use_trunk_output": (False,), "splits_to_eval": (["val"],), "split_names": (["train", "val", "test"],),
+              "eval_use_trunk_output": (False,), "splits_to_eval": (["val"],),
+              "split_names": (["train", "val", "test"],),
               "testing_method": ("GlobalEmbeddingSpaceTester",), "training_method": ("MetricLossOnly",),
               "label_hierarchy_level": (0,)}
 _GENERAL = {"num_epochs_train": "trainer.max_epochs", "iterations_per_epoch": "trainer.iterations_per_epoch",
@@ -576,7 +577,8 @@ def command(paths: Dict[str, Path], forward: Sequence[str], name: str) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def from_pb(source: Path, selection: Dict[str, Sequence[str]], out: Optional[Path], forward: Sequence[str]) -> Tuple[str, str]:
+def from_pb(source: Path, selection: Dict[str, Sequence[str]], out: Optional[Path],
+            forward: Sequence[str]) -> Tuple[str, str]:
     """Translate, write and return (the report, the command). Nothing translated: ConfigError (exit 2)."""
     source = Path(source)
     t = translate(load_pb(source, selection))

@@ -13,7 +13,7 @@ import inspect
 import re
 import threading
 import types
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .config import ConfigError, is_search_marker
 

@@ -182,11 +182,12 @@ def class_disjoint_splits(labels, test_fraction: float = 0.5, num_folds: int = 4
 
 
 def _scheme_meta(scheme: str) -> Dict[str, Any]:
-    """``{"scheme": ...}`` for a scheme other than the default, so that the default's ``splits.json`` stays as it was."""
+    """``{"scheme": ...}`` for a scheme other than the default (the default's ``splits.json`` stays as it was)."""
     return {} if scheme == "default" else {"scheme": scheme}
 
 
-def protocol_splits(dataset, test_fraction: float = 0.5, num_folds: int = 4, scheme: Optional[str] = "default") -> Split:
+def protocol_splits(dataset, test_fraction: float = 0.5, num_folds: int = 4,
+                    scheme: Optional[str] = "default") -> Split:
     """The protocol's split of ``dataset``: its own class-disjoint test set when it ships one, so that numbers compare
     with the literature (SOP: ``test_mask``, the rows of Ebay_test.txt; In-Shop: ``is_query`` / ``is_gallery``, test =
     query + gallery), with the folds over the classes of the remaining images; otherwise
