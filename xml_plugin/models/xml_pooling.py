@@ -49,16 +49,18 @@ def unit_ball(local_features: torch.Tensor) -> torch.Tensor:
     return local_features / radius[..., None]
 
 
-def assignment_scores(local_features: torch.Tensor, prototypes: torch.Tensor,
-                      assignment_rule: str = "inner_product") -> torch.Tensor:
+def assignment_scores(local_features: torch.Tensor, prototypes: torch.Tensor, assignment_rule: str = "inner_product",
+                      map_to_unit_ball: bool = True) -> torch.Tensor:
     """Scores [B*n, m] of local features [B, n, d] against prototypes [m, d], larger = preferred, float32+.
 
-    ``inner_product`` (Def. 4 / Claim 1): ``w_k^T x~_i`` with ``x~ = unit_ball(x)``. ``nearest``: ``-||f_i - w_k||^2``.
+    ``inner_product`` (Def. 4 / Claim 1): ``w_k^T x~_i`` with ``x~ = unit_ball(x)`` (``map_to_unit_ball=False``:
+    ``w_k^T x_i``, the same argmax per location). ``nearest``: ``-||f_i - w_k||^2``.
     """
     b, n, d = local_features.shape
     if assignment_rule == "inner_product":
         dtype = torch.promote_types(local_features.dtype, torch.float32)
-        x = unit_ball(local_features.to(dtype)).reshape(b * n, d)
+        x = local_features.to(dtype)
+        x = (unit_ball(x) if map_to_unit_ball else x).reshape(b * n, d)
         return x @ prototypes.to(dtype).T  # [B*n, m]
     if assignment_rule == "nearest":
         return -squared_distances(local_features.reshape(b * n, d), prototypes)  # [B*n, m]
@@ -79,11 +81,8 @@ def prototype_histogram(local_features: torch.Tensor, prototypes: torch.Tensor, 
     m = prototypes.shape[0]
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
-    if assignment == "hard" and assignment_rule == "inner_product":
-        dtype = torch.promote_types(local_features.dtype, torch.float32)
-        scores = local_features.to(dtype).reshape(b * n, d) @ prototypes.to(dtype).T  # [B*n, m], argmax as unit_ball's
-    else:
-        scores = assignment_scores(local_features, prototypes, assignment_rule)  # [B*n, m]
+    # the hard argmax does not need the unit-ball map: skip its division (and its rounding)
+    scores = assignment_scores(local_features, prototypes, assignment_rule, map_to_unit_ball=assignment == "soft")
     if assignment == "hard":
         return _count_histogram(scores.argmax(dim=1).view(b, n), m, scores.dtype)
     weights = torch.softmax(scores / temperature, dim=1)  # [B*n, m]
