@@ -24,6 +24,7 @@ from .seeding import farthest_point_indices
 
 BACKWARDS = ("analytic", "unrolled")
 INITS = ("kcenter", "random")
+SEEDINGS = ("authors", "local_features")  # what the k-center init collects (docs/gsp.md, "Prototype seeding")
 
 # |D| (the implicit-gradient denominator, docs/gsp.md) is clamped to at least this, sign kept
 DENOMINATOR_EPS = 1e-6
@@ -170,14 +171,37 @@ def kcenter(points: torch.Tensor, k: int) -> torch.Tensor:
     return farthest_point_indices(points, k, first)
 
 
+def kcenter_from_seeds(points: torch.Tensor, seeds: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy k-center whose distances start from a seed set (the GSP authors' seeding): indices [k] into ``points``.
+
+    ``points`` [N, d], ``seeds`` [s, d]. ``nearest_i = min_j ||p_i - s_j||^2``; then ``k`` times: take the point
+    with the largest ``nearest`` (ties: lowest index) and lower ``nearest`` by its distances. The seeds only start the
+    distances: they are not returned. With fewer than ``k`` points apart from the seeds some indices repeat.
+    """
+    if points.dim() != 2 or seeds.dim() != 2 or points.shape[1] != seeds.shape[1] or len(points) < 1:
+        raise ValueError(f"kcenter_from_seeds needs points [N, d] (N >= 1) and seeds [s, d], got "
+                         f"{tuple(points.shape)} and {tuple(seeds.shape)}")
+    pts, sds = points.float(), seeds.float()
+    nearest = torch.cdist(pts, sds).pow(2).min(dim=1).values if len(sds) else torch.full((len(pts),), float("inf"))
+    chosen = []
+    for _ in range(k):
+        nxt = int(nearest.argmax())
+        chosen.append(nxt)
+        nearest = torch.minimum(nearest, (pts - pts[nxt]).pow(2).sum(dim=1))
+    return torch.tensor(chosen, dtype=torch.long, device=points.device)
+
+
 @register("pooling", name="gsp")
 class GeneralizedSumPooling(Pooling):
     """GSP (docs/methods.md, GSP): ``z = (1/n) sum_i w_i x_i``, ``w_i = (1 - n rho_i) / mu``, histogram ``a = sum_i pi / mu``.
 
     ``dim`` is the projected feature size ``d``; ``num_prototypes`` ``m``; ``transport_ratio`` ``mu``;
-    ``entropy`` the inverse temperature ``gamma``. ``init="kcenter"`` collects ``init_features`` detached local
-    features over the first training batches (plain GAP and ``histogram=None`` until then), then sets the
-    prototypes by farthest-point selection; ``init="random"`` starts from random prototypes at once.
+    ``entropy`` the inverse temperature ``gamma``. ``init="kcenter"`` collects ``init_features`` detached rows over
+    the first training batches (plain GAP and ``histogram=None`` until then), then sets the prototypes by k-center:
+    ``seeding="authors"`` (the authors' code) collects the images' GAP embeddings ``N(z)``, one row per image, and
+    seeds k-center with the first ``m`` rows (:func:`kcenter_from_seeds`), the prototypes being ``N(z)`` rows of the
+    rest; ``seeding="local_features"`` collects random local features, starts k-center at the one farthest from
+    their mean and copies the raw rows. ``init="random"`` starts from random prototypes at once.
     The ``initialized`` buffer keeps that state in checkpoints.
     """
 
@@ -187,16 +211,20 @@ class GeneralizedSumPooling(Pooling):
     gather_fn = None
 
     def __init__(self, dim: int, num_prototypes: int = 64, transport_ratio: float = 0.3, entropy: float = 5.0,
-                 iterations: int = 100, backward: str = "analytic", init: str = "kcenter", init_features: int = 1024):
+                 iterations: int = 100, backward: str = "analytic", init: str = "kcenter", init_features: int = 1024,
+                 seeding: str = "authors"):
         super().__init__(dim)
         _check_transport_args(transport_ratio, entropy, iterations, backward)
         if isinstance(num_prototypes, bool) or not isinstance(num_prototypes, int) or num_prototypes < 1:
             raise ValueError(f"num_prototypes must be an integer >= 1, got {num_prototypes!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if isinstance(init_features, bool) or not isinstance(init_features, int) or init_features < num_prototypes:
-            raise ValueError(f"init_features must be an integer >= num_prototypes ({num_prototypes}), "
-                             f"got {init_features!r}")
+        if seeding not in SEEDINGS:
+            raise ValueError(f"seeding must be one of {SEEDINGS}, got {seeding!r}")
+        least = 2 * num_prototypes if seeding == "authors" else num_prototypes  # authors: m seeds + m candidates
+        if isinstance(init_features, bool) or not isinstance(init_features, int) or init_features < least:
+            raise ValueError(f"init_features must be an integer >= {'2 * ' if seeding == 'authors' else ''}"
+                             f"num_prototypes ({least}) with seeding={seeding!r}, got {init_features!r}")
         self.num_prototypes = num_prototypes
         self.transport_ratio = float(transport_ratio)
         self.entropy = float(entropy)
@@ -204,6 +232,7 @@ class GeneralizedSumPooling(Pooling):
         self.backward = backward
         self.init = init
         self.init_features = init_features
+        self.seeding = seeding
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, self.dim) / math.sqrt(self.dim))  # [m, d]
         self.register_buffer("initialized", torch.tensor(init == "random"))
         self.register_buffer("collected", torch.zeros(init_features if init == "kcenter" else 0, self.dim))
@@ -212,7 +241,7 @@ class GeneralizedSumPooling(Pooling):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_prototypes={self.num_prototypes}, transport_ratio={self.transport_ratio}, "
                 f"entropy={self.entropy}, iterations={self.iterations}, backward={self.backward!r}, "
-                f"init={self.init!r}")
+                f"init={self.init!r}, seeding={self.seeding!r}")
 
     @torch.no_grad()
     def _collect(self, features: torch.Tensor) -> None:
@@ -229,6 +258,22 @@ class GeneralizedSumPooling(Pooling):
             self.prototypes.copy_(pool[chosen])
             self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def _collect_embeddings(self, embeddings: torch.Tensor) -> None:
+        """The authors' memory: add ``N(z)`` of the images' GAP embeddings [B, d] in order; a batch that would run
+        past the end is written at the last ``B`` rows instead. Once ``init_features`` rows have been written,
+        k-center seeded with the first ``m`` rows picks the prototypes among the others."""
+        rows = _unit_ball(embeddings.reshape(-1, self.dim))[-self.init_features:]  # [b, d]
+        start = min(int(self.num_collected), self.init_features - rows.shape[0])
+        self.collected[start:start + rows.shape[0]] = rows.to(self.collected.dtype)
+        self.num_collected += rows.shape[0]
+        if int(self.num_collected) >= self.init_features:
+            m = self.num_prototypes
+            pool = self.collected.to(self.prototypes.dtype)
+            chosen = kcenter_from_seeds(pool[m:], pool[:m], m)
+            self.prototypes.copy_(pool[m:][chosen])
+            self.initialized.fill_(True)
+
     def transport(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``pi`` [B, m, n] and ``rho`` [B, n] for local features [B, n, d]."""
         cost = prototype_cost(features, self.prototypes.to(features.dtype))
@@ -243,10 +288,15 @@ class GeneralizedSumPooling(Pooling):
             dtype = torch.promote_types(feature_map.dtype, torch.float32)
             features = feature_map.to(dtype).flatten(2).transpose(1, 2)  # [B, n, d]
             if not bool(self.initialized):
-                if self.training:
-                    self._collect(features.detach() if self.gather_fn is None else self.gather_fn(features.detach()))
+                gap = features.mean(dim=1)  # [B, d]
+                if not self.training:
+                    return PoolingOutput(gap, None)
+                if self.seeding == "authors":  # the batch that fills the memory is still pooled by GAP
+                    self._collect_embeddings(gap.detach() if self.gather_fn is None else self.gather_fn(gap.detach()))
+                    return PoolingOutput(gap, None)
+                self._collect(features.detach() if self.gather_fn is None else self.gather_fn(features.detach()))
                 if not bool(self.initialized):
-                    return PoolingOutput(features.mean(dim=1), None)
+                    return PoolingOutput(gap, None)
             pi, rho = self.transport(features)  # [B, m, n], [B, n]
             mu = self.transport_ratio
             histogram = pi.sum(dim=2) / mu  # [B, m]
@@ -259,4 +309,4 @@ class GeneralizedSumPooling(Pooling):
         return PoolingOutput(embedding, histogram)
 
 
-__all__ = ["GeneralizedSumPooling", "gsp_transport", "prototype_cost", "kcenter"]
+__all__ = ["GeneralizedSumPooling", "gsp_transport", "prototype_cost", "kcenter", "kcenter_from_seeds", "SEEDINGS"]
