@@ -49,6 +49,53 @@ def _broken_yaml_root(tmp: Path) -> str:
     return str(root)
 
 
+def _csv(tmp: Path, name: str, rows, encoding: str = "utf-8") -> str:
+    """A CSV data set in ``tmp/name``: rows of (label, file name, bytes or None for a small PNG)."""
+    from PIL import Image
+    root = tmp / name
+    if not root.exists():
+        root.mkdir()
+        lines = ["label,path"]
+        for label, file, content in rows:
+            if content is None:
+                Image.new("RGB", (8, 8), (label * 20 % 255, 0, 0)).save(root / file)
+            else:
+                (root / file).write_bytes(content)
+            lines.append(f"{label},{file}")
+        (root / "data.csv").write_bytes("\n".join(lines).encode(encoding) + b"\n")
+    return str(root / "data.csv")
+
+
+def _csv_latin1(tmp: Path) -> str:
+    return _csv(tmp, "csv_latin1", [(c, f"Äpfel_{c}_{i}.png", None) for c in range(8) for i in range(2)], "latin-1")
+
+
+def _csv_not_image(tmp: Path) -> str:
+    rows = [(c, f"{c}_{i}.png", None) for c in range(8) for i in range(2)] + [(0, "notes.png", b"just some text\n")]
+    return _csv(tmp, "csv_not_image", rows)
+
+
+def _csv_few_classes(tmp: Path) -> str:
+    return _csv(tmp, "csv_few_classes", [(c, f"{c}_{i}.png", None) for c in range(10) for i in range(4)])
+
+
+def _yaml_latin1_root(tmp: Path) -> str:
+    root = tmp / "configs_latin1"
+    if not root.exists():
+        shutil.copytree(xml_plugin.config.CONFIG_ROOT, root)
+        (root / "config_general" / "latin.yaml").write_bytes("general:\n  n_trials: 1  # r\xe9sum\xe9\n".encode("latin-1"))
+    return str(root)
+
+
+def _report_latin1(tmp: Path) -> str:
+    folder = tmp / "latin_report"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "report.csv").write_bytes("dataset,method\ncart\xe9s,baseline\n".encode("latin-1"))
+        (folder / "experiment.json").write_text('{"loss": "multi_similarity"}')
+    return str(folder)
+
+
 # (id, extra words, a phrase the message must contain). The tiny experiment's words set general.*, dataset.* and
 # trunk.* with dotted keys, which win over the shorthands (--dataset ...): the cases use dotted keys too.
 CASES = [
@@ -97,6 +144,35 @@ CASES = [
     ("malformed YAML file", ["--config_general", "broken"], "not valid YAML"),
     ("bad --search value", ["--search", "maybe"], "invalid choice"),
     ("--n_trials not an integer", ["--n_trials", "many"], "invalid int value"),
+    # names are names, not paths
+    ("name with a parent step", ["--experiment_name", "../elsewhere"], "not a valid name"),
+    ("name that is an absolute path", ["--experiment_name", "/tmp/xml_absolute_name"], "not a valid name"),
+    ("name '.'", ["--experiment_name", "."], "not a valid name"),
+    ("name '..'", ["--experiment_name", ".."], "not a valid name"),
+    ("name with a separator", ["--experiment_name", "a/b"], "not a valid name"),
+    ("name with a newline", ["--experiment_name", "a\nb"], "not a valid name"),
+    ("empty name", ["--experiment_name", ""], "not a valid name"),
+    ("compare name with a separator", ["--compare", "experiments/x", "--compare_names", "a/b"], "not a valid name"),
+    # values of the wrong type that used to fail inside the first trial
+    ("a list where a number is expected", ["--loss.options.alpha", "[1, 2]"], "must be a number"),
+    ("a string where a number is expected", ["--loss.options.alpha", "abc"], "must be a number"),
+    ("a string where a flag is expected", ["--trainer.amp", "maybe"], "trainer.amp"),
+    ("negative seed", ["--general.seed", "-1"], "general.seed must be"),
+    ("seed out of range", ["--general.seed", "99999999999"], "general.seed must be"),
+    ("cache seed out of range", ["--cache.seed", "-5"], "cache.seed must be"),
+    ("zero threads", ["--general.num_threads", "0"], "general.num_threads must be"),
+    ("negative threads", ["--general.num_threads", "-2"], "general.num_threads must be"),
+    ("unknown device kind", ["--general.device", "tpu"], "general.device must be"),
+    ("storage of an unknown dialect", ["--storage", "foo://user@host/db"], "unknown database kind"),
+    ("absurd --n_trials", ["--general.n_trials", "1000000000"], "general.n_trials must be"),
+    ("absurd reproductions", ["--general.reproductions", "1000000000"], "general.reproductions must be"),
+    # files that are not what they claim
+    ("CSV data set not UTF-8", ["--dataset.name", "csv", "--dataset.root", _csv_latin1], "not UTF-8"),
+    ("CSV row that is not an image", ["--dataset.name", "csv", "--dataset.root", _csv_not_image], "not images"),
+    ("CSV data set with too few classes for a batch", ["--dataset.name", "csv", "--dataset.root", _csv_few_classes],
+     "batch"),
+    ("YAML config not UTF-8", ["--config_general", "latin"], "UTF-8"),
+    ("report.csv not UTF-8", ["--compare", _report_latin1], "UTF-8"),
 ]
 
 
@@ -106,6 +182,10 @@ def test_bad_input_exit_2_one_line_folder_unchanged(existing, words, phrase, cap
     words = [w(tmp) if callable(w) else w for w in words]
     if "broken" in words:
         monkeypatch.setenv("XML_PLUGIN_CONFIG_ROOT", _broken_yaml_root(tmp))
+    if "latin" in words:
+        monkeypatch.setenv("XML_PLUGIN_CONFIG_ROOT", _yaml_latin1_root(tmp))
+    experiments = tmp / "experiments"
+    everything, outside = _snapshot(experiments), sorted(p.name for p in tmp.iterdir())
     try:
         code = main(["--experiment_name", NAME, "--no_progress", *args, *words])
     except SystemExit as exc:  # argparse's own errors
@@ -117,6 +197,9 @@ def test_bad_input_exit_2_one_line_folder_unchanged(existing, words, phrase, cap
     assert len(errors) == 1, err
     assert phrase in errors[0], errors[0]
     assert _snapshot(folder) == before
+    assert _snapshot(experiments) == everything, "a refused run wrote into the experiments folder"
+    assert sorted(p.name for p in tmp.iterdir()) == outside, "a refused run wrote outside the experiments folder"
+    assert not Path("/tmp/xml_absolute_name").exists()
 
 
 def test_a_changed_config_is_refused_and_restart_keeps_a_backup(existing, capsys):

@@ -197,7 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                   + (f"; embeddings: {args.evaluate}/{EXPORT}/{args.split}/" if args.export else ""), file=sys.stderr)
             return 0
         if args.compare:
+            from .protocol.names import check_names
             from .protocol.report import compare
+            check_names(args.compare_names or [], "--compare_names")
             md, tex = compare(args.compare, names=args.compare_names)
             print(md)
             if args.latex:
@@ -219,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        overrides=overrides)
             print(yaml.safe_dump(C.load(selection, overrides, presets=presets), sort_keys=False))
             return 0
-        if not args.experiment_name:
+        if args.experiment_name is None:
             parser.error("--experiment_name is required (or --compare / --list / --print_config / --from_pb)")
         exp = Experiment(C.load(selection, presets=presets), args.experiment_name, progress=not args.no_progress,
                          overrides=overrides)

@@ -71,11 +71,13 @@ def available(category: str, root: Optional[Path] = None) -> List[str]:
 
 
 def load_yaml(path: Path) -> Dict[str, Any]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             data = yaml.load(f, Loader=_Loader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -224,6 +224,11 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     hist_size = getattr(model.pooling, "num_prototypes", None)
     loss_module = build_loss(cfg, len(classes), model.pooling.dim, hist_size, len(train_idx)).to(device)
     check_compatible(model, loss_module, cfg)
+    if hasattr(loss_module, "bind_pooling"):  # cross_fit: recursive reads the pooling's recursion state
+        try:
+            loss_module.bind_pooling(model.pooling)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     opt_name, opt_opts = registry.split_spec(cfg["optimizer"])
     loss_lr = opt_opts.pop("loss_lr", None)

@@ -225,6 +225,8 @@ def check_components(cfg: Dict[str, Any], method: str) -> None:
                 built[kind] = T.build_with("loss_wrapper", cfg[kind], {
                     "num_classes": 4, "embedding_size": dim, "loss": built["loss"], "miner": built.get("miner"),
                     "histogram_size": histogram})
+                if hasattr(built[kind], "bind_pooling") and built.get("pooling") is not None:
+                    built[kind].bind_pooling(built["pooling"])  # cross_fit recursive needs a prototype recursion
             else:
                 built[kind] = T.build_with(kind, cfg[kind], {"num_classes": 4, "embedding_size": dim})
     except (ValueError, AssertionError) as exc:
@@ -350,6 +352,10 @@ def check_numbers(cfg: Dict[str, Any]) -> None:
     need("general.heartbeat_seconds", lambda v: v is None or (is_int(v) and 1 <= v <= 3600),
          "an integer in [1, 3600] (seconds)")
     need("general.device", _is_device, "auto, cpu, cuda, cuda:N or mps")
+    from ..data.splits import SCHEMES
+    need("dataset.split", lambda v: v is None or v in SCHEMES, f"null or one of {', '.join(SCHEMES)}")
+    for flag in ("trainer.amp", "trainer.freeze_bn", "trainer.logs"):
+        need(flag, lambda v: v is None or isinstance(v, bool), "true or false")
     need("dataset.num_folds", lambda v: is_int(v) and v >= 2, "an integer >= 2")
     need("dataset.test_fraction", lambda v: 0 < float(v) < 1, "a fraction in (0, 1)")
     need("trainer.batch_size", lambda v: is_int(v) and v >= 2, "an integer >= 2")
@@ -561,7 +567,8 @@ class Experiment:
         ds_options = {**(ds_cfg.get("options_for") or {}).get(ds_cfg["name"], {}), **(ds_cfg.get("options") or {})}
         dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **ds_options)
         labels = np.asarray(dataset.labels, dtype=np.int64)
-        split = protocol_splits(dataset, test_fraction=ds_cfg.get("test_fraction", 0.5), num_folds=ds_cfg.get("num_folds", 4))
+        split = protocol_splits(dataset, test_fraction=ds_cfg.get("test_fraction", 0.5),
+                                num_folds=ds_cfg.get("num_folds", 4), scheme=ds_cfg.get("split"))
         self.split = split
         trunk = build_trunk(cfg)
         k = frozen_blocks(cfg, trunk, device)
@@ -614,8 +621,11 @@ class Experiment:
                 train_labels = np.unique(labels[np.asarray(tr)], return_inverse=True)[1]
                 try:
                     T.make_batches(train_labels, C.resolve(mcfg), 1, seed)
-                except C.ConfigError as exc:
-                    raise C.ConfigError(f"method {method!r}, fold {f}: {exc}") from None
+                except (C.ConfigError, AssertionError, ValueError) as exc:  # PML's sampler asserts on its sizes
+                    raise C.ConfigError(f"method {method!r}, fold {f} ({len(set(train_labels.tolist()))} training "
+                                        f"classes): the sampler cannot make one batch of "
+                                        f"{mcfg['trainer']['batch_size']} ({' '.join(str(exc).split())[:160]}); use "
+                                        f"a smaller --trainer.batch_size or a data set with more classes") from None
 
     def fingerprint(self, dataset) -> Dict[str, Any]:
         """What decides this experiment's results: every method's config (overlays, overrides, search markers),
