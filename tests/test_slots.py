@@ -149,6 +149,90 @@ def test_failures_with_a_reason_keep_their_slot_and_others_propagate(tmp_path):
     _, other = _study(tmp_path, "other.db", heartbeat_interval=60)
     with pytest.raises(ZeroDivisionError):
         slots.run_slots(other, 2, lambda trial, slot: 1 / 0, poll_seconds=0.1)
-    [t] = other.trials
-    assert t.state == TrialState.FAIL and t.user_attrs[slots.REASON].startswith("error: ZeroDivisionError")
+    [t] = other.get_trials(states=(TrialState.FAIL,))
+    assert t.user_attrs[slots.SLOT] == 0 and t.user_attrs[slots.REASON].startswith("error: ZeroDivisionError")
     assert not slots.finished_trials(other)  # a bug frees the slot
+    [queued] = other.get_trials(states=(TrialState.WAITING,))  # the other slot stays queued for the next run
+    assert queued.user_attrs[slots.SLOT] == 1
+
+
+def _two_workers(tmp_path):
+    """Two handles on one SQLite study, each with its own storage and connections, as two worker processes have."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    first = optuna.create_study(study_name="r", storage=slots.make_storage(url, heartbeat_interval=60))
+    return first, optuna.load_study(study_name="r", storage=slots.make_storage(url, heartbeat_interval=60))
+
+
+def test_a_claim_that_writes_its_slot_late_does_not_share_it(tmp_path):
+    """The race of a check-then-write claim: trial a reads the free slots, b (another worker) claims slot 0 the whole
+    way, then a writes slot 0. A claim that yields only to smaller trial numbers keeps both (a is the smaller)."""
+    study_a, study_b = _two_workers(tmp_path)
+    a, b = study_a.ask(), study_b.ask()
+    assert a.number < b.number
+    got = {}
+    write = a.set_user_attr
+
+    def late_write(key, value):
+        if key == slots.SLOT and "b" not in got:
+            got["b"] = slots.claim(study_b, b, 1)  # b's worker runs between a's read and a's write
+        write(key, value)
+    a.set_user_attr = late_write
+    got["a"] = slots.claim(study_a, a, 1)
+    assert got == {"b": 0, "a": None}
+    holders = [t.number for t in study_a.get_trials() if slots.counted(t) and slots.SLOT in t.user_attrs]
+    assert holders == [b.number]
+
+
+@pytest.mark.parametrize("later_claims_first", [True, False])
+def test_two_workers_queueing_the_same_free_slot_make_one_holder(tmp_path, later_claims_first):
+    study_a, study_b = _two_workers(tmp_path)
+    seen = study_a.get_trials()  # both workers found slot 0 free before either queued it
+    assert slots.queue_free_slots(study_a, 1, seen) == [0] and slots.queue_free_slots(study_b, 1, seen) == [0]
+    a, b = study_a.ask(), study_b.ask()  # each pops one copy
+    assert a.user_attrs[slots.SLOT] == b.user_attrs[slots.SLOT] == 0 and a.number < b.number
+    order = [(study_b, b), (study_a, a)] if later_claims_first else [(study_a, a), (study_b, b)]
+    assert {t.number: slots.claim(s, t, 1) for s, t in order} == {a.number: 0, b.number: None}
+    assert study_a.trials[b.number].user_attrs[slots.REASON] == slots.SURPLUS
+
+
+def test_duplicate_queued_slots_run_once_and_none_is_left_waiting(tmp_path):
+    _, study = _study(tmp_path, heartbeat_interval=60)
+    for _ in range(2):  # as two workers starting together would queue them
+        slots.queue_free_slots(study, 2, [])
+    calls = []
+    slots.run_slots(study, 2, lambda trial, slot: calls.append(slot) or 0.0, poll_seconds=0.1)
+    assert sorted(calls) == [0, 1]
+    states = sorted((t.user_attrs[slots.SLOT], t.state.name, t.user_attrs.get(slots.REASON)) for t in study.trials)
+    assert states == [(0, "COMPLETE", None), (0, "FAIL", slots.SURPLUS), (1, "COMPLETE", None), (1, "FAIL", slots.SURPLUS)]
+
+
+_POP = """
+import sys, time, optuna
+from pathlib import Path
+from xml_plugin.protocol import slots
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="q", storage=slots.make_storage(sys.argv[1], heartbeat_interval=60))
+Path(sys.argv[2] + sys.argv[3]).touch()
+while not all(Path(sys.argv[2] + w).exists() for w in ("0", "1")):  # both workers start popping together
+    time.sleep(0.001)
+got = []
+while slots.SLOT in (trial := study.ask()).user_attrs:
+    got.append(trial.number)
+study.tell(trial, state=optuna.trial.TrialState.FAIL)  # the queue is empty: a fresh trial, given up
+print(" ".join(map(str, got)))
+"""
+
+
+def test_a_queued_trial_is_handed_to_one_worker_only(tmp_path):
+    # without BEGIN IMMEDIATE, sqlite3 reads a WAITING trial outside any transaction: both workers can pop it
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    study = optuna.create_study(study_name="q", storage=slots.make_storage(url, heartbeat_interval=60))
+    n = 60
+    for s in range(n):
+        study.enqueue_trial({}, user_attrs={slots.SLOT: s})
+    procs = [subprocess.Popen([sys.executable, "-c", _POP, url, str(tmp_path / "ready"), str(w)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
+    popped = [int(x) for out, _ in outs for x in out.split()]
+    assert sorted(popped) == list(range(n))  # every queued trial popped, none twice
