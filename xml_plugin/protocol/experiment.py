@@ -30,6 +30,7 @@ from ..engine.model import build_trunk, frozen_blocks
 from . import slots
 from .log import ExperimentLog, experiment_bar
 from .names import check_name, owns_study, study_name
+from .workers import FoldPool, resolve_workers
 from .run_index import record_run
 
 log = logging.getLogger("xml_plugin")
@@ -116,7 +117,8 @@ def open_storage(url: str, heartbeat_seconds: int):
         raise damaged_storage(url, exc) from None
 
 
-NOT_RESULTS = {"general": ("experiment_folder", "storage", "num_threads", "heartbeat_seconds", "methods", "reference",
+NOT_RESULTS = {"general": ("experiment_folder", "storage", "num_threads", "workers", "heartbeat_seconds", "methods",
+                            "reference",
                             "n_trials", "reproductions", "seed"),
                "trainer": ("num_workers", "logs"), "eval": ("batch_size",), "cache": ("folder", "batch_size"),
                METHOD_OVERRIDES: None}
@@ -354,6 +356,8 @@ def check_numbers(cfg: Dict[str, Any]) -> None:
     need("general.device", _is_device, "auto, cpu, cuda, cuda:N or mps")
     from ..data.splits import SCHEMES
     need("dataset.split", lambda v: v is None or v in SCHEMES, f"null or one of {', '.join(SCHEMES)}")
+    need("general.workers", lambda v: v in (None, "auto") or (is_int(v) and 1 <= v <= 1024),
+         "auto (the usable cores on CPU) or an integer in [1, 1024] (1: train in the main process)")
     for flag in ("trainer.amp", "trainer.freeze_bn", "trainer.logs"):
         need(flag, lambda v: v is None or isinstance(v, bool), "true or false")
     need("dataset.num_folds", lambda v: is_int(v) and v >= 2, "an integer >= 2")
@@ -475,6 +479,7 @@ class Experiment:
                                 f"section is null for all of them (compare a method that sets it, e.g. --methods "
                                 f"baseline xml, or give the whole section with a name)")
         self.ctx: Optional[T.RunContext] = None
+        self.pool: Optional[FoldPool] = None
         self._storage = None
 
     # ---------------------------------------------------------------- set-up
@@ -702,7 +707,21 @@ class Experiment:
         return self.folder / "runs" / method / stable_hash({"cfg": training_key(ccfg), "resolved": self.resolved,
                                                             "fold": fold, "seed": seed})
 
-    def _train(self, method: str, ccfg: Dict[str, Any], fold: int, seed: int, desc: str, on_epoch=None) -> Dict[str, Any]:
+    def _train_folds(self, method: str, ccfg: Dict[str, Any], seed: int, descs: Sequence[str]) -> Dict[int, Dict[str, Any]]:
+        """Every fold of one configuration and seed trained; ``{fold: result}``. On the worker processes when there
+        are some (``general.workers``), in the main process otherwise."""
+        pool = getattr(self, "pool", None)
+        if pool is None:
+            return {f: self._train(method, ccfg, f, seed, desc=d) for f, d in enumerate(descs)}
+
+        def done(i, result):
+            if getattr(self, "bar", None) is not None:
+                self.bar.update(1)
+        results = pool.run([(method, ccfg, f, seed, d) for f, d in enumerate(descs)], on_done=done)
+        return dict(enumerate(results))
+
+    def _train(self, method: str, ccfg: Dict[str, Any], fold: int, seed: int, desc: str, on_epoch=None,
+               count: bool = True) -> Dict[str, Any]:
         tr, va = self.split.folds[fold]
         D.lead([method, ccfg, fold, seed, desc])  # torchrun: the other ranks train this fold in lockstep
         try:
@@ -711,7 +730,7 @@ class Experiment:
         except T.NonFiniteLossError as exc:
             raise TrialFailed(f"{slots.NONFINITE}: {exc}") from exc
         finally:
-            if getattr(self, "bar", None) is not None:  # the whole experiment's ETA (see run)
+            if count and getattr(self, "bar", None) is not None:  # the whole experiment's ETA (see run)
                 self.bar.update(1)
 
     def study(self, method: str, part: str) -> optuna.Study:
@@ -770,6 +789,7 @@ class Experiment:
         study = self.study(method, "search")
         seed = int(self.cfg["general"].get("seed", 0))
         n = self.n_trials(method)
+        pruning = self.cfg["general"].get("pruner", "none") != "none"
 
         def work(trial: optuna.Trial, slot: int) -> float:
             # seeded per slot: a resumed search proposes what an uninterrupted one would have
@@ -777,10 +797,15 @@ class Experiment:
             params = {path: C.suggest(trial, path, marker) for path, marker in space.items()}
             ccfg = C.resolve(mcfg, params)
             values, t0 = [], time.perf_counter()
-            for f in range(len(self.split.folds)):
+            folds = range(len(self.split.folds))
+            for f in folds:
                 record_run(self.folder, self.run_dir(method, ccfg, f, seed), method, "trial", slot, f, seed, params,
                            ccfg, self.resolved)
-                res = self._train(method, ccfg, f, seed, desc=f"{method} trial {slot + 1}/{n} fold {f + 1}")
+            descs = [f"{method} trial {slot + 1}/{n} fold {f + 1}" for f in folds]
+            # in parallel unless a pruner must see the folds one by one
+            done = self._train_folds(method, ccfg, seed, descs) if not pruning else {}
+            for f in folds:
+                res = done[f] if f in done else self._train(method, ccfg, f, seed, desc=descs[f])
                 v = res["val"][T.OBJECTIVE]
                 values.append(v)
                 trial.set_user_attr(f"fold{f}", res["val"])
@@ -816,11 +841,14 @@ class Experiment:
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("params", params)
             embs, t0 = [], time.perf_counter()
-            for f in range(len(self.split.folds)):
+            folds = range(len(self.split.folds))
+            for f in folds:
                 record_run(self.folder, self.run_dir(method, ccfg, f, seed), method, "reproduction", slot, f, seed,
                            params, ccfg, self.resolved)
+            self._train_folds(method, ccfg, seed, [f"{method} reproduction {slot + 1}/{n} fold {f + 1}" for f in folds])
+            for f in folds:
                 desc = f"{method} reproduction {slot + 1}/{n} fold {f + 1}"
-                self._train(method, ccfg, f, seed, desc=desc)
+                self._train(method, ccfg, f, seed, desc=desc, count=False)  # finished: read back
                 try:
                     model = T.load_best(ccfg, self.ctx, self.run_dir(method, ccfg, f, seed))
                 except DamagedFileError as exc:  # the fold is trained again: deterministic, the same model
@@ -861,14 +889,21 @@ class Experiment:
         results: Dict[str, List[Dict[str, Any]]] = {}
         best_params: Dict[str, Dict[str, Any]] = {}
         folds, reps = len(self.split.folds), int(self.cfg["general"]["reproductions"])
+        workers = resolve_workers(self.cfg["general"].get("workers", "auto"), self.ctx.device.type, D.world_size())
+        self.pool = FoldPool(self, workers, int(self.cfg["general"].get("num_threads") or 1)) if workers > 1 else None
         self.bar = experiment_bar(sum((self.n_trials(m) + reps) * folds for m in self.methods), enabled=self.progress)
+        interrupted = True
         try:
             for method in self.methods:
                 best_params[method] = self.search(method)
                 results[method] = self.reproduce(method, best_params[method])
+            interrupted = False
         finally:
             self.bar.close()
             self.bar = None
+            if self.pool is not None:
+                self.pool.close(kill=interrupted)  # on Ctrl-C or an error: at once, the folds resume from checkpoints
+                self.pool = None
         D.lead(None)  # torchrun: the other ranks are done
         md = self.write_report(results, best_params)
         print(f"wall time of this invocation: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
