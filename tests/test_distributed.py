@@ -33,7 +33,7 @@ PROTOTYPES = [("pooling.options.num_prototypes", 8)]
 MEMORY = [("loss_wrapper.options.memory_size", 48), ("loss_wrapper.options.warmup_iterations", 0)]
 OVERRIDES = {"xml": PROTOTYPES,
              # a k-center pool of 256 local features: filled (and the prototypes set) by the first global batch
-             "gsp": PROTOTYPES + [("pooling.options.iterations", 10), ("pooling.options.init_features", 256)],
+             "gsp": PROTOTYPES + [("pooling.options.iterations", 10), ("pooling.options.init_features", 32)],
              "xbn": MEMORY, "axbn": MEMORY}
 
 

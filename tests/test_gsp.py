@@ -215,7 +215,7 @@ def test_invalid_transport_arguments_raise():
 
 def test_kcenter_init_collects_then_initialises_and_checkpoints():
     torch.manual_seed(0)
-    pool = GeneralizedSumPooling(4, num_prototypes=3, init_features=40)
+    pool = GeneralizedSumPooling(4, num_prototypes=3, init_features=40, seeding="local_features")
     before = pool.prototypes.detach().clone()
     fmap = torch.randn(1, 4, 5, 5)  # 25 locations per batch
     out = pool(fmap)
@@ -230,7 +230,7 @@ def test_kcenter_init_collects_then_initialises_and_checkpoints():
     flat = fmap.flatten(2).transpose(1, 2).reshape(-1, 4)
     for row in pool.prototypes.detach():  # every prototype is one of the features seen
         assert (flat - row).abs().sum(1).min() < 1e-6
-    fresh = GeneralizedSumPooling(4, num_prototypes=3, init_features=40)
+    fresh = GeneralizedSumPooling(4, num_prototypes=3, init_features=40, seeding="local_features")
     fresh.load_state_dict(pool.state_dict())
     assert bool(fresh.initialized) and torch.allclose(fresh(fmap).embedding, pool(fmap).embedding)
 
@@ -252,7 +252,7 @@ def test_zsr_weight_zero_is_the_base_loss():
     base = _ms_loss()
     wrapper = ZeroShotLoss(base, num_classes=4, histogram_size=5, weight=0.0)
     assert torch.allclose(wrapper(emb, labels, histograms=hist), base(emb, labels))
-    full = ZeroShotLoss(base, num_classes=4, histogram_size=5, weight=0.1)
+    full = ZeroShotLoss(base, num_classes=4, histogram_size=5, weight=0.1, no_histograms="base")
     assert torch.allclose(full(emb, labels, histograms=None), base(emb, labels))
     assert full.zsr_loss(torch.zeros(8, dtype=torch.long), hist) is None  # one class: no halves
 
@@ -279,7 +279,7 @@ def test_zsr_value_from_its_definition():
     labels = torch.tensor([2, 0, 1, 3, 0, 2, 3, 1])
     w, ridge, scale = 0.3, 0.05, 9.5
     wrapper = ZeroShotLoss(_ms_loss(), num_classes=4, histogram_size=5, class_embedding_size=7, weight=w,
-                           ridge=ridge, scale=scale)
+                           ridge=ridge, scale=scale, split="sorted")
     psi = wrapper.class_embeddings.detach().double()
     a, y = hist.double(), labels
 
@@ -312,7 +312,7 @@ def test_short_training_run_lowers_the_loss():
     images = patterns[labels] + 0.5 * torch.randn(len(labels), 3, 8, 8)
     trunk = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2))
     embedder = nn.Conv2d(32, dim, 1, bias=False)
-    pool = GeneralizedSumPooling(dim, num_prototypes=8, iterations=30, init_features=64)
+    pool = GeneralizedSumPooling(dim, num_prototypes=8, iterations=30, init_features=16)
     wrapper = ZeroShotLoss(_ms_loss(), num_classes=num_classes, histogram_size=8, class_embedding_size=8)
     params = [*trunk.parameters(), *embedder.parameters(), *pool.parameters(), *wrapper.parameters()]
     opt = torch.optim.Adam(params, lr=3e-3)
@@ -321,7 +321,7 @@ def test_short_training_run_lowers_the_loss():
         out = pool(embedder(trunk(images)))
         return wrapper(out.embedding, labels, histograms=out.histogram)
 
-    step()  # the first batch fills the k-center pool (24 images x 16 locations)
+    step()  # the first batch fills the seeding memory (16 of its 24 GAP embeddings)
     assert bool(pool.initialized)
     with torch.no_grad():
         first = step().item()

@@ -14,7 +14,7 @@ EPOCHS, CUT = 3, 1  # killed after epoch 1's checkpoint, of 3
 # small memories that wrap around and warm-ups and Kalman predictions that straddle the cut (6 iterations an epoch)
 MEMORY = [("loss_wrapper.options.memory_size", 40), ("loss_wrapper.options.warmup_iterations", 4)]
 PROTOTYPES = [("pooling.options.num_prototypes", 8)]
-GSP = PROTOTYPES + [("pooling.options.iterations", 10)]  # the transport solver's iterations: the slow part on CPU
+GSP = PROTOTYPES + [("pooling.options.iterations", 10), ("pooling.options.init_features", 32)]  # the transport solver's iterations: the slow part on CPU
 OVERRIDES = {"xbm": MEMORY, "xbn": MEMORY, "axbn": MEMORY + [("loss_wrapper.options.gain_interval", 4)],
              "xml": PROTOTYPES, "gsp": GSP, "xml_gsp": GSP}
 METHODS = ["baseline", "xml", "gsp", "xbm", "xbn", "axbn", "xml_gsp"]
@@ -33,7 +33,7 @@ def _states(snapshots):
     """Keeps the last checkpoint of a run (written before ``on_epoch`` is called): the final model and loss states."""
     def on_epoch(epoch, metrics, run_dir):
         if epoch == EPOCHS - 1:
-            snapshots.update(torch.load(run_dir / "checkpoint.pt", weights_only=False))
+            snapshots.update(torch.load(run_dir / "checkpoint.pt", weights_only=True))
     return on_epoch
 
 
@@ -64,8 +64,8 @@ def test_interrupted_fold_resumes_exactly(experiment, tmp_path, method):
     strip = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]
     assert len(strip(full)) == EPOCHS and strip(resumed) == strip(full)
     assert resumed["val"] == full["val"] and resumed["best_epoch"] == full["best_epoch"]
-    best_full = torch.load(tmp_path / "full" / "best.pt", weights_only=False)
-    best_cut = torch.load(tmp_path / "cut" / "best.pt", weights_only=False)
+    best_full = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
+    best_cut = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)
     for part in ("model", "loss"):
         _assert_same_state(best_full[part], best_cut[part], f"best.pt {part}")
         _assert_same_state(full_last[part], cut_last[part], f"last {part}")
