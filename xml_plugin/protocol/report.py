@@ -133,25 +133,33 @@ def read_report_csv(path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the experiment must finish its reproductions "
                                 f"(which write report.csv) before it can be reported or compared")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) not in (CSV_COLUMNS, VERDICT_COLUMNS, MEAN_COLUMNS):
-            raise ConfigError(f"{path}: columns {reader.fieldnames} are not {list(CSV_COLUMNS)}: not a report.csv of "
-                              f"this benchmark")
-        out = []
-        for r in reader:
-            reference = r.get("reference") or ""
-            search = r.get("search") or ""
-            out.append(dict(dataset=r["dataset"], method=r["method"], embedding=r["embedding"], metric=r["metric"],
-                            mean=_float(r["mean"]), ci95=_float(r["ci95"]), n=int(r["n"]), reference=reference,
-                            verdict=r.get("verdict") or "",
-                            comparison=r.get("comparison") or (EQUAL_BUDGET if reference else ""),
-                            search=int(search) if search.lstrip("-").isdigit() else (search or None),
-                            endpoint=r.get("endpoint") or None,
-                            p_value=_float(r.get("p_value")), p_adjusted=_float(r.get("p_adjusted")),
-                            boot_low=_float(r.get("boot_low")), boot_high=_float(r.get("boot_high")),
-                            boot_resamples=int(r["boot_resamples"]) if r.get("boot_resamples") else None))
-        return out
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return _report_rows(csv.DictReader(f), path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}): not a report.csv written by "
+                          f"this benchmark; rerun the experiment to write it again") from None
+
+
+def _report_rows(reader: csv.DictReader, path: Path) -> list[dict]:
+    """The rows of an open report.csv (see `read_report_csv`)."""
+    if tuple(reader.fieldnames or ()) not in (CSV_COLUMNS, VERDICT_COLUMNS, MEAN_COLUMNS):
+        raise ConfigError(f"{path}: columns {reader.fieldnames} are not {list(CSV_COLUMNS)}: not a report.csv of "
+                          f"this benchmark")
+    out = []
+    for r in reader:
+        reference = r.get("reference") or ""
+        search = r.get("search") or ""
+        out.append(dict(dataset=r["dataset"], method=r["method"], embedding=r["embedding"], metric=r["metric"],
+                        mean=_float(r["mean"]), ci95=_float(r["ci95"]), n=int(r["n"]), reference=reference,
+                        verdict=r.get("verdict") or "",
+                        comparison=r.get("comparison") or (EQUAL_BUDGET if reference else ""),
+                        search=int(search) if search.lstrip("-").isdigit() else (search or None),
+                        endpoint=r.get("endpoint") or None,
+                        p_value=_float(r.get("p_value")), p_adjusted=_float(r.get("p_adjusted")),
+                        boot_low=_float(r.get("boot_low")), boot_high=_float(r.get("boot_high")),
+                        boot_resamples=int(r["boot_resamples"]) if r.get("boot_resamples") else None))
+    return out
 
 
 # ----------------------------------------------------------------------------- tables
