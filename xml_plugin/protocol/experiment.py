@@ -85,7 +85,7 @@ def _method_config(cfg, method, overrides):
 
 def training_key(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a config that decides what a training run computes (not where results go, nor the budget)."""
-    return {k: v for k, v in cfg.items() if k not in ("general", "search", "cache", "eval")} | {
+    return {k: v for k, v in cfg.items() if k not in ("general", "search", "cache", "eval", "report")} | {
         "cache_views": cfg.get("cache", {}).get("views")}
 
 
@@ -121,7 +121,7 @@ NOT_RESULTS = {"general": ("experiment_folder", "storage", "num_threads", "worke
                             "reference",
                             "n_trials", "reproductions", "seed"),
                "trainer": ("num_workers", "logs"), "eval": ("batch_size",), "cache": ("folder", "batch_size"),
-               METHOD_OVERRIDES: None}
+               "report": None, METHOD_OVERRIDES: None}
 
 
 def busy_cores(seconds: float = 0.1) -> Optional[float]:
