@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..config import ConfigError
+from . import diagnostics
 from . import distributed as D
 from .evaluate import split_metrics
 from .io import DamagedFileError, atomic_torch_save, atomic_write_json, move_aside, read_json_checked, safe_torch_load
@@ -167,22 +168,55 @@ def _freeze_bn(module: nn.Module) -> None:
             m.eval()
 
 
-def embed(model: EmbeddingModel, ctx: RunContext, indices: np.ndarray, batch_size: int = 128) -> torch.Tensor:
-    """Embeddings [len(indices), d] (evaluation mode, float32, on CPU)."""
+def embed(model: EmbeddingModel, ctx: RunContext, indices: np.ndarray, batch_size: int = 128,
+          with_histograms: bool = False):
+    """Embeddings [len(indices), d] (evaluation mode, float32, on CPU); with ``with_histograms`` also the pooling's
+    histograms [len(indices), m] (None for a pooling without them)."""
     model.eval()
-    out = []
+    out, hists = [], []
     indices = np.asarray(indices)
     with torch.no_grad(), tqdm(total=len(indices), desc="embedding", unit="img", leave=False,
                                disable=not ctx.progress or len(indices) < 2000) as bar:
         for x in ctx.source.eval_batches(indices, batch_size):
-            out.append(model(x.to(ctx.device), from_cache=ctx.source.from_cache).embedding.float().cpu())
+            res = model(x.to(ctx.device), from_cache=ctx.source.from_cache)
+            out.append(res.embedding.float().cpu())
+            if with_histograms and res.histogram is not None:
+                hists.append(res.histogram.float().cpu())
             bar.update(len(x))
-    return torch.cat(out) if out else torch.empty(0, model.pooling.dim)
+    emb = torch.cat(out) if out else torch.empty(0, model.pooling.dim)
+    if not with_histograms:
+        return emb
+    return emb, (torch.cat(hists) if hists else None)
 
 
-def evaluate_indices(model: EmbeddingModel, ctx: RunContext, indices: np.ndarray, batch_size: int = 128) -> Dict[str, float]:
-    emb = embed(model, ctx, indices, batch_size)
-    return split_metrics(emb, torch.as_tensor(ctx.labels[indices]))
+def evaluate_indices(model: EmbeddingModel, ctx: RunContext, indices: np.ndarray, batch_size: int = 128,
+                     health: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """Validation metrics of ``indices``; ``health`` (a dict) receives the pooling's diagnostics on them (``val_*``:
+    GAP reconstruction error, prototype usage) when the pooling gives histograms."""
+    if health is None:
+        emb, hist = embed(model, ctx, indices, batch_size), None
+    else:
+        emb, hist = embed(model, ctx, indices, batch_size, with_histograms=True)
+    labels = torch.as_tensor(ctx.labels[indices])
+    if health is not None and hist is not None:
+        measures = diagnostics.xml_health(model.pooling, emb, hist)
+        health.update({f"val_{k}": v for k, v in measures.items() if k in VAL_HEALTH and math.isfinite(v)})
+    return split_metrics(emb, labels)
+
+
+VAL_HEALTH = ("gap_error", "unused_prototypes", "effective_prototypes")
+
+
+def batch_health(model: EmbeddingModel, loss_module: nn.Module, emb: torch.Tensor, hist: Optional[torch.Tensor],
+                 labels: torch.Tensor) -> Dict[str, float]:
+    """XML's health diagnostics at one training batch (docs/xml.md, "Diagnostics"): finite values only. Runs under a
+    forked RNG so that it never changes the training's random draws."""
+    if hist is None:
+        return {}
+    with torch.random.fork_rng(devices=[]):
+        measures = diagnostics.xml_health(model.pooling, emb.detach(), hist.detach(), labels,
+                                          loss_module if hasattr(loss_module, "terms") else None)
+    return {k: v for k, v in measures.items() if math.isfinite(v)}
 
 
 def make_batches(labels: np.ndarray, cfg: Dict[str, Any], iterations: int, seed: int) -> List[np.ndarray]:
@@ -311,7 +345,10 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
                 losses.append(loss.item())
                 recorder.add("train", "loss", losses[-1], epoch * iters + it)
                 bar.update(1)
-            metrics = D.broadcast_object(evaluate_indices(model, ctx, val_idx, int(cfg.get("eval", {}).get("batch_size", 128)))
+                last = (emb, hist, y)
+            health = batch_health(model, loss_module, *last) if main and out.histogram is not None else {}
+            metrics = D.broadcast_object(evaluate_indices(model, ctx, val_idx, int(cfg.get("eval", {}).get("batch_size", 128)),
+                                                          health=health if out.histogram is not None else None)
                                          if main else None)
             value = metrics[OBJECTIVE]
             if sched_step == "epoch":
@@ -319,9 +356,13 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
                 scheduler.step(value) if plateau else scheduler.step()
             entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr, "seconds": time.perf_counter() - t0,
                      **metrics}
+            if health:
+                entry["health"] = health
             state["history"].append(entry)
             for k, v in metrics.items():
                 recorder.add("validation", k, v, epoch)
+            for k, v in health.items():
+                recorder.add("health", k, v, epoch)
             if value > state["best_value"]:
                 state.update(best_value=value, best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
                 if main:
