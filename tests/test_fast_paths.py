@@ -80,3 +80,60 @@ def test_hard_xml_histograms_embeddings_and_prototypes_match_the_plain_path(bias
         chosen = ((local[:, :, None, :] - fast.pooling.prototypes[None, None]) ** 2).sum(-1).argmin(-1)  # [B, n]
     expect = torch.nn.functional.one_hot(chosen, 6).float().mean(1)
     assert torch.equal(out.histogram, expect)
+
+
+def test_a_full_cache_holds_its_maps_spatial_means_and_checks_them(tmp_path):
+    """The pooled copy of a full-map cache is the float32 mean of the stored float16 maps (computed here with numpy in
+    float64), recorded and verified like the maps."""
+    import json
+
+    import numpy as np
+
+    from xml_plugin.engine import cache as K
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(7, 5, 3, 2, 2)).astype(np.float16)  # [N, C, h, w]... as eval [N, C, h, w] below
+    np.save(tmp_path / "eval.npy", maps[:, 0])
+    np.save(tmp_path / "train.npy", maps)  # [N, V=5, C=3, h, w]
+    records = K.write_pooled_copy(tmp_path, chunk=3)
+    np.testing.assert_allclose(np.load(tmp_path / "eval_pooled.npy"), maps[:, 0].astype(np.float64).mean(axis=(-2, -1)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "train_pooled.npy"), maps.astype(np.float64).mean(axis=(-2, -1)),
+                               rtol=1e-6, atol=1e-6)
+    assert np.load(tmp_path / "train_pooled.npy").dtype == np.float32
+    records.update({a: K.array_record(tmp_path / a) for a in K.ARRAYS})
+    K.verify_arrays(tmp_path, records)
+    raw = bytearray((tmp_path / "train_pooled.npy").read_bytes())
+    raw[-3] ^= 0xFF
+    (tmp_path / "train_pooled.npy").write_bytes(bytes(raw))
+    with pytest.raises(K.DamagedFileError, match="train_pooled"):
+        K.verify_arrays(tmp_path, records)
+    json.dumps(records)  # plain data for meta.json
+
+
+def test_a_gap_method_on_the_pooled_copy_trains_as_on_the_maps(tiny_cfg, tmp_path):
+    """baseline (linear embedder + GAP) over a wholly frozen trunk reads the pooled copy; a fold trained that way ends
+    as one trained on the full maps, up to float rounding."""
+    import numpy as np
+
+    from xml_plugin import config as C
+    from xml_plugin.engine import train as T
+    from xml_plugin.protocol.experiment import Experiment, method_config
+    exp = Experiment(tiny_cfg(**{"trainer.max_epochs": 2, "trunk.frozen_blocks": "auto"}), "pooled_copy",
+                     progress=False)
+    ctx = exp.setup()
+    assert ctx.source.cache.has_pooled_copy and ctx.frozen_blocks == ctx.trunk.num_blocks
+    cfg = C.resolve(method_config(exp.base_cfg, "baseline"))
+    assert ctx.for_config(cfg).source.pooled
+    assert not ctx.for_config(C.resolve(method_config(exp.base_cfg, "xml"))).source.pooled
+    tr, va = (np.asarray(a) for a in exp.split.folds[0])
+    fast = T.train_fold(cfg, ctx, tr, va, tmp_path / "fast", seed=1)
+    import dataclasses
+
+    class _Full(T.FeatureSource):
+        def for_config(self, cfg, whole):
+            return self
+    full_ctx = dataclasses.replace(ctx, source=_Full(ctx.source.dataset, ctx.source.cache))
+    slow = T.train_fold(cfg, full_ctx, tr, va, tmp_path / "slow", seed=1)
+    for a, b in zip(fast["history"], slow["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["mean_average_precision_at_r"] == pytest.approx(b["mean_average_precision_at_r"], abs=1e-4)

@@ -31,13 +31,33 @@ from .io import DamagedFileError, atomic_write_json, file_checksum, read_json_ch
 
 CACHE_VERSION = 1
 ARRAYS = ("eval.npy", "train.npy")
+POOLED_COPIES = ("eval_pooled.npy", "train_pooled.npy")  # a full cache's spatial means, float32 [N, C], [N, V, C]
 _VERIFIED: Dict[str, tuple] = {}  # cache folder -> its files' (size, mtime) when this process verified them
+
+
+def write_pooled_copy(folder: Path, chunk: int = 64) -> Dict[str, Dict[str, Any]]:
+    """``eval_pooled.npy`` / ``train_pooled.npy``: the spatial mean of every cached map, averaged in float32 from the
+    stored float16 maps (what GAP computes from them), so that GAP methods read [C] vectors instead of [C, h, w] maps.
+    Written next to the maps; returns their :func:`array_record`."""
+    out = {}
+    for src, dst in zip(ARRAYS, POOLED_COPIES):
+        maps = np.load(folder / src, mmap_mode="r")  # [N, C, h, w] or [N, V, C, h, w]
+        tmp = folder / f".{dst}.{os.getpid()}.tmp"
+        pooled = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=maps.shape[:-2])
+        for start in range(0, len(maps), chunk):
+            block = torch.from_numpy(np.array(maps[start:start + chunk]))  # a writable copy
+            pooled[start:start + chunk] = block.float().mean(dim=(-2, -1)).numpy()
+        pooled.flush()
+        del pooled
+        os.replace(tmp, folder / dst)
+        out[dst] = array_record(folder / dst)
+    return out
 
 
 def _stamp(folder: Path) -> tuple:
     """The sizes and modification times of a cache's files: a file changed since it was verified is verified again."""
     out = []
-    for name in ("meta.json", *ARRAYS):
+    for name in ("meta.json", *ARRAYS, *POOLED_COPIES):
         try:
             st = (folder / name).stat()
             out.append((st.st_size, st.st_mtime_ns))
@@ -56,7 +76,7 @@ def array_record(path: Path) -> Dict[str, Any]:
 def verify_arrays(folder: Path, records: Dict[str, Dict[str, Any]]) -> None:
     """Raise :class:`DamagedFileError` for the first array file of ``folder`` whose size, shape, dtype or checksum
     differs from ``records`` (sizes first: a truncated file is found without reading it)."""
-    for name in ARRAYS:
+    for name in (*ARRAYS, *[n for n in POOLED_COPIES if n in records]):
         path, rec = folder / name, records.get(name)
         if rec is None:
             raise DamagedFileError(path, "meta.json records no checksum for it")
@@ -254,8 +274,11 @@ class FeatureCache:
             eval_mm.flush()
             train_mm.flush()
             del eval_mm, train_mm
+            records = {a: array_record(tmp / a) for a in ARRAYS}
+            if not pooled:
+                records.update(write_pooled_copy(tmp))
             atomic_write_json(tmp / "meta.json", {"key_info": self.key_info, "n": n, "views": views, "pooled": pooled,
-                                                  "arrays": {a: array_record(tmp / a) for a in ARRAYS}})
+                                                  "arrays": records})
             try:
                 os.replace(tmp, self.folder)
                 _VERIFIED[str(self.folder)] = _stamp(self.folder)  # checksummed just now
@@ -290,6 +313,9 @@ class FeatureCache:
             meta["arrays"] = {a: array_record(self.folder / a) for a in ARRAYS}
             atomic_write_json(meta_path, meta)
         verify_arrays(self.folder, meta["arrays"])
+        if not meta.get("pooled") and not all(n in meta["arrays"] for n in POOLED_COPIES):
+            meta["arrays"].update(write_pooled_copy(self.folder))  # a full cache made before the pooled copies
+            atomic_write_json(meta_path, meta)
         _VERIFIED[str(self.folder)] = _stamp(self.folder)
         return meta
 
@@ -310,6 +336,10 @@ class FeatureCache:
         meta = self.verify()
         self._eval = np.load(self.folder / "eval.npy", mmap_mode="r")
         self._train = np.load(self.folder / "train.npy", mmap_mode="r")
+        self._eval_pooled = self._train_pooled = None
+        if not meta.get("pooled") and all(n in meta["arrays"] for n in POOLED_COPIES):
+            self._eval_pooled = np.load(self.folder / POOLED_COPIES[0], mmap_mode="r")
+            self._train_pooled = np.load(self.folder / POOLED_COPIES[1], mmap_mode="r")
         self.views = int(meta["views"])
         self.pooled = bool(meta.get("pooled", False))
         if in_ram is None:
@@ -317,13 +347,27 @@ class FeatureCache:
             in_ram = ram is None or self._train.nbytes + self._eval.nbytes <= ram / 4
         if in_ram:  # fast random access during training
             self._eval, self._train = np.ascontiguousarray(self._eval), np.ascontiguousarray(self._train)
+            if self._eval_pooled is not None:
+                self._eval_pooled = np.ascontiguousarray(self._eval_pooled)
+                self._train_pooled = np.ascontiguousarray(self._train_pooled)
         return self
 
-    def eval_features(self, indices) -> torch.Tensor:
+    @property
+    def has_pooled_copy(self) -> bool:
+        """A full-map cache that also holds the maps' spatial means (see :func:`write_pooled_copy`)."""
+        return getattr(self, "_eval_pooled", None) is not None
+
+    def eval_features(self, indices, pooled: bool = False) -> torch.Tensor:
+        """Float32 inputs of the test-transform views: maps [n, C, h, w] (or the cache's pooled [n, C]); with
+        ``pooled``, a full cache's pooled copy [n, C]."""
+        if pooled and self.has_pooled_copy:
+            return torch.from_numpy(np.ascontiguousarray(self._eval_pooled[indices]))
         # float16 -> float32 in torch (vectorised), not numpy (element by element: 6x slower)
         return torch.from_numpy(np.ascontiguousarray(self._eval[indices])).float()
 
-    def train_features(self, indices, views) -> torch.Tensor:
+    def train_features(self, indices, views, pooled: bool = False) -> torch.Tensor:
+        if pooled and self.has_pooled_copy:
+            return torch.from_numpy(np.ascontiguousarray(self._train_pooled[indices, views]))
         return torch.from_numpy(np.ascontiguousarray(self._train[indices, views])).float()
 
     @property

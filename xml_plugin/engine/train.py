@@ -48,9 +48,19 @@ def select_device(name: str = "auto") -> torch.device:
 class FeatureSource:
     """Where the model's inputs come from: the frozen-trunk cache (``cache`` given) or decoded images."""
 
-    def __init__(self, dataset, cache=None, train_tf=None, eval_tf=None, num_workers: int = 0):
+    def __init__(self, dataset, cache=None, train_tf=None, eval_tf=None, num_workers: int = 0, pooled: bool = False):
         self.dataset, self.cache = dataset, cache
         self.train_tf, self.eval_tf, self.num_workers = train_tf, eval_tf, num_workers
+        self.pooled = pooled  # read the cache's pooled copy (a GAP method over a full cache): see :meth:`for_config`
+
+    def for_config(self, cfg: Dict[str, Any], whole_trunk_frozen: bool) -> "FeatureSource":
+        """This source as the method of ``cfg`` reads it: the full cache's pooled copy when the method trains only a
+        linear embedder and GAP over a wholly frozen trunk (equal to the maps up to float rounding), else itself."""
+        from .cache import can_use_pooled
+        if self.from_cache and whole_trunk_frozen and getattr(self.cache, "has_pooled_copy", False) \
+                and can_use_pooled(cfg):
+            return FeatureSource(self.dataset, self.cache, self.train_tf, self.eval_tf, self.num_workers, pooled=True)
+        return self
 
     @property
     def from_cache(self) -> bool:
@@ -66,7 +76,7 @@ class FeatureSource:
         if self.from_cache:
             for b in batches:
                 views = rng.integers(0, self.cache.views, size=len(b))
-                yield self.cache.train_features(part(b), part(views))
+                yield self.cache.train_features(part(b), part(views), pooled=self.pooled)
         else:
             loader = torch.utils.data.DataLoader(_TransformView(self.dataset, self.train_tf),
                                                  batch_sampler=[part(b) for b in batches], num_workers=self.num_workers)
@@ -75,7 +85,7 @@ class FeatureSource:
     def eval_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            yield self.cache.eval_features(chunk) if self.from_cache else self._images(chunk, self.eval_tf)
+            yield self.cache.eval_features(chunk, pooled=self.pooled) if self.from_cache else self._images(chunk, self.eval_tf)
 
 
 class _TransformView(torch.utils.data.Dataset):
@@ -100,6 +110,13 @@ class RunContext:
     frozen_blocks: int
     device: torch.device
     progress: bool = True
+
+    def for_config(self, cfg: Dict[str, Any]) -> "RunContext":
+        """The context a method of ``cfg`` trains in: GAP methods over a wholly frozen trunk read the full cache's
+        pooled copy (:meth:`FeatureSource.for_config`)."""
+        import dataclasses
+        source = self.source.for_config(cfg, self.frozen_blocks == self.trunk.num_blocks)
+        return self if source is self.source else dataclasses.replace(self, source=source)
 
 
 build_with = registry.build_with  # build a component with those of num_classes, embedding_size ... that it takes
@@ -250,6 +267,7 @@ def train_fold(cfg: Dict[str, Any], ctx: RunContext, train_idx: np.ndarray, val_
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     tr = cfg["trainer"]
+    ctx = ctx.for_config(cfg)
     device = ctx.device
     seed_everything(seed)
     train_labels_global = ctx.labels[train_idx]
