@@ -41,6 +41,7 @@ examples:
   python run.py --compare experiments/xml_ms experiments/xml_contrastive
   python run.py --list
   python run.py --evaluate experiments/xml_ms --export
+  python run.py --reproduce_results downloaded/xml_ms            # rerun it here, check its numbers
   python run.py --experiment_name mine --dataset csv --dataset_root my_data.csv --import my_losses.py --loss my_loss
 """
 
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --evaluate: the test set (default) or each fold's validation classes")
     p.add_argument("--export", action="store_true", help="with --evaluate: write the embeddings with labels and image "
                                                          "paths to EXP/export/SPLIT/ (see docs/export.md)")
+    p.add_argument("--reproduce_results", metavar="EXP",
+                   help="run a finished experiment folder (e.g. downloaded) again from its recorded configuration, as "
+                        "--experiment_name (default EXP's name + .reproduced-<time>), then check every test number "
+                        "against the stored one (NEW/reproduction_check.md)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module (a name importable from the working folder, or a .py file) whose "
                         "xml_plugin.register(...) calls add your components; repeatable")
@@ -195,6 +200,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(summary(results, args.split))
             print(f"metrics: {args.evaluate}/evaluate_{args.split}.csv"
                   + (f"; embeddings: {args.evaluate}/{EXPORT}/{args.split}/" if args.export else ""), file=sys.stderr)
+            return 0
+        if args.reproduce_results:
+            from .protocol.reproduce_results import reproduce_results
+            if selection:
+                parser.error("--reproduce_results reruns the recorded config.yaml: leave out --config_<category>")
+            md, check = reproduce_results(args.reproduce_results, args.experiment_name, overrides,
+                                          progress=not args.no_progress)
+            if md:  # a torchrun rank other than 0 prints nothing
+                print(md)
+                print(f"check: {check}; report: {check.parent / 'report.md'}", file=sys.stderr)
             return 0
         if args.compare:
             from .protocol.names import check_names

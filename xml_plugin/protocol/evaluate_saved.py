@@ -4,8 +4,10 @@ their embeddings written with labels and image paths (docs/export.md)."""
 from __future__ import annotations
 
 import csv
+import json
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import optuna
@@ -22,6 +24,8 @@ from .run_index import read_index, read_run
 
 SPLITS = ("test", "val")
 EXPORT = "export"
+# the record xml_plugin.engine.train.provenance() writes into every run's result.json
+PROVENANCE_KEYS = ("world_size", "torch_threads", "device", "device_name", "torch", "pytorch_metric_learning", "faiss")
 
 
 class SavedExperiment(Experiment):
@@ -81,7 +85,8 @@ def _model(exp: Experiment, run_dir: Path, method: str, params: Dict[str, Any]):
 def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
                         progress: bool = True) -> Dict[str, List[Dict[str, Any]]]:
     """Per method, per finished reproduction: ``{"reproduction", "seed", "folds": [metrics], "separate": metrics,
-    "concatenated": metrics or None (val), "stored": the test metrics recorded when it ran}``."""
+    "concatenated": metrics or None (val), "provenance": [each fold run's record, or None], "stored": the test metrics
+    recorded when it ran}``."""
     if split not in SPLITS:
         raise C.ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     exp = open_experiment(folder, progress)
@@ -113,9 +118,11 @@ def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
         results[method] = []
         for t in done:
             slot, seed, params = t.user_attrs[slots.SLOT], t.user_attrs["seed"], t.user_attrs.get("params") or {}
-            embs = []
+            embs, where = [], []
             for f in range(n_folds):
-                model = _model(exp, _run_folder(exp, index, method, slot, f, seed, params), method, params)
+                run_dir = _run_folder(exp, index, method, slot, f, seed, params)
+                model = _model(exp, run_dir, method, params)
+                where.append(run_provenance(run_dir))
                 e = T.embed(model, ctx, parts[f], eval_bs)  # [N, d]
                 embs.append(e)
                 if export:
@@ -133,7 +140,7 @@ def evaluate_experiment(folder: Path, split: str = "test", export: bool = False,
                             for f, e in enumerate(embs)]
                 separate = mean_metrics(per_fold)
             results[method].append({"reproduction": slot, "seed": seed, "folds": per_fold, "separate": separate,
-                                    "concatenated": concatenated,
+                                    "concatenated": concatenated, "provenance": where,
                                     "stored": {k: t.user_attrs.get(k) for k in ("folds", "separate", "concatenated")}})
     write_metrics(exp.folder / f"evaluate_{split}.csv", results)
     if export:
@@ -171,8 +178,55 @@ def write_metrics(path: Path, results: Dict[str, List[Dict[str, Any]]]) -> None:
                         w.writerow([method, r["reproduction"], r["seed"], emb, k, repr(float(v))])
 
 
+def run_provenance(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The ``provenance`` record of a run folder's ``result.json`` (None: written before runs recorded it, or
+    unreadable)."""
+    try:
+        record = read_json(Path(run_dir) / "result.json").get("provenance")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def folder_provenance(folder: Path) -> List[Optional[Dict[str, Any]]]:
+    """The provenance record of every run folder (``runs/<method>/<hash>``) of an experiment folder."""
+    return [run_provenance(d) for d in sorted(Path(folder).glob("runs/*/*")) if d.is_dir()]
+
+
+def describe_provenance(record: Dict[str, Any]) -> str:
+    """``computed by 1 process, 1 torch thread, cpu; torch 2.14.1, pytorch-metric-learning 2.9.0, faiss 1.15.1``."""
+    n, threads = record.get("world_size", "?"), record.get("torch_threads", "?")
+    device, name = record.get("device", "?"), record.get("device_name")
+    where = device if name in (None, "cpu", device) else f"{device} ({name})"
+    procs = "1 process" if n == 1 else f"{n} processes (a DDP group)"
+    return (f"computed by {procs}, {threads} torch thread{'' if threads == 1 else 's'}, {where}; "
+            f"torch {record.get('torch', '?')}, pytorch-metric-learning {record.get('pytorch_metric_learning', '?')}, "
+            f"faiss {record.get('faiss', '?')}")
+
+
+def provenance_summary(records: Sequence[Optional[Dict[str, Any]]]) -> str:
+    """One line saying where runs were computed; when they differ, each kind with its count and the keys that
+    differ; runs without a record (older versions) counted apart."""
+    known = [r for r in records if r]
+    missing = len(records) - len(known)
+    if not records:
+        return "no runs"
+    if not known:
+        return f"{missing} run{'' if missing == 1 else 's'} record no provenance (written by an older version)"
+    kinds = Counter(json.dumps(r, sort_keys=True) for r in known)
+    if len(kinds) == 1 and not missing:
+        return f"{describe_provenance(known[0])} (all {len(known)} runs)"
+    parts = [f"{n} run{'' if n == 1 else 's'} {describe_provenance(json.loads(k))}" for k, n in kinds.most_common()]
+    if missing:
+        parts.append(f"{missing} run{'' if missing == 1 else 's'} record no provenance (written by an older version)")
+    keys = sorted({k for r in known for k in set(r) | set(known[0]) if r.get(k) != known[0].get(k)})
+    note = f"the runs differ in {', '.join(keys)}: " if keys else "the runs differ: "
+    return note + "; ".join(parts)
+
+
 def summary(results: Dict[str, List[Dict[str, Any]]], split: str) -> str:
-    """A markdown table: one row per method, reproduction and embedding; one column per metric."""
+    """A markdown table: one row per method, reproduction and embedding; one column per metric; then where the
+    evaluated runs were trained (their provenance records)."""
     metrics = list(dict.fromkeys(k for reps in results.values() for r in reps for k in r["separate"]))
     lines = [f"| method | reproduction | seed | {split} embedding | " + " | ".join(metrics) + " |",
              "|---|---:|---:|---|" + "---:|" * len(metrics)]
@@ -182,7 +236,10 @@ def summary(results: Dict[str, List[Dict[str, Any]]], split: str) -> str:
                 if r[emb] is not None:
                     lines.append(f"| {method} | {r['reproduction']} | {r['seed']} | {emb} | "
                                  + " | ".join(f"{100 * r[emb].get(m, float('nan')):.2f}" for m in metrics) + " |")
+    where = [p for reps in results.values() for r in reps for p in r.get("provenance", ())]
+    lines += ["", f"Stored runs: {provenance_summary(where)}."]
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_experiment", "open_experiment", "SavedExperiment", "summary", "write_metrics", "write_items"]
+__all__ = ["evaluate_experiment", "open_experiment", "SavedExperiment", "summary", "write_metrics", "write_items",
+           "run_provenance", "folder_provenance", "describe_provenance", "provenance_summary", "PROVENANCE_KEYS"]
