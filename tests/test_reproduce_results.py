@@ -33,7 +33,8 @@ def _rows(path):
 
 
 def _snapshot(folder):
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 def _check_rows(text):
@@ -76,8 +77,8 @@ def test_reproduction_gives_every_number_exactly(finished, capsys):
     stored_rows = _rows(stored / "reproductions.csv")
     expected = {_key(r): r["value"] for r in stored_rows}
     assert len(expected) == len(stored_rows)  # one number per key
-    assert {k[1:4] for k in expected} == {(str(r), str(1000 * (r + 1)), emb) for r in range(2)
-                                          for emb in ("fold 0", "fold 1", "fold 2", "fold 3", "separate", "concatenated")}
+    embeddings = ("fold 0", "fold 1", "fold 2", "fold 3", "separate", "concatenated")
+    assert {k[1:4] for k in expected} == {(str(r), str(1000 * (r + 1)), emb) for r in range(2) for emb in embeddings}
     got = _check_rows(out)
     assert set(got) == set(expected)
     assert all(check == "exact" for _, _, check in got.values())
@@ -141,7 +142,8 @@ def test_not_a_finished_experiment_is_exit_2(finished, capsys, tmp_path):
     info.pop("fingerprint")
     (old / "experiment.json").write_text(json.dumps(info))
     (tmp_path / "empty").mkdir()
-    cases = [(tmp_path / "nothing", "no such folder"), (tmp_path / "empty", "not a finished experiment (no config.yaml"),
+    cases = [(tmp_path / "nothing", "no such folder"),
+             (tmp_path / "empty", "not a finished experiment (no config.yaml"),
              (unfinished, "not a finished experiment (no reproductions.csv"), (old, "holds no fingerprint")]
     for folder, message in cases:
         code, _, err = run_main(capsys, ["--reproduce_results", str(folder), "--experiment_folder", str(local)])
@@ -186,10 +188,12 @@ def test_method_fixes_rebuild_the_recorded_config():
     # merge: such a record is rebuilt up to that default, which only a run without a search reads)
     marker = {"search": "float", "low": 0.01, "high": 10.0, "log": True, "default": 1.0}
     recorded = {"general": {"device": "cpu"}, "trainer": {"max_epochs": 1, "batch_size": 16},
-                "loss_wrapper": {"name": "xml", "options": {"lam": 0.3}}, "loss": {"name": "ms", "options": {"alpha": marker}},
+                "loss_wrapper": {"name": "xml", "options": {"lam": 0.3}},
+                "loss": {"name": "ms", "options": {"alpha": marker}},
                 "transforms": {"train": {}}}
     now = {"general": {"device": "cuda"}, "trainer": {"max_epochs": 2, "batch_size": 16, "grad_clip": 1.0},
-           "loss_wrapper": {"name": "xml", "options": {"lam": marker}}, "loss": {"name": "ms", "options": {"alpha": 2.0}},
+           "loss_wrapper": {"name": "xml", "options": {"lam": marker}},
+           "loss": {"name": "ms", "options": {"alpha": 2.0}},
            "transforms": {"train": {}}}
     fixes = method_fixes(recorded, now)
     # general stays as it is here; the changed leaves take the recorded values, a leaf the record lacks is null

@@ -214,10 +214,10 @@ def check_table(stored_name: str, new_name: str, rows: List[Dict[str, Any]], fp_
 # ------------------------------------------------------------------------------------------ the command
 def reproduce_results(folder: Path, name: Optional[str] = None, overrides: Sequence[Tuple[str, Any]] = (),
                       progress: bool = True) -> Tuple[str, Optional[Path]]:
-    """Run the experiment in ``folder`` again as ``name`` (default ``<name>.reproduced-<time>``) in the local experiments
-    folder (``general.experiment_folder`` of this machine, or ``--experiment_folder``), then write and return the
-    check (``NEW/reproduction_check.md``) and its path. Rerunning with the same ``name`` resumes the reproduction.
-    Under torchrun the ranks other than 0 return ``("", None)``."""
+    """Run the experiment in ``folder`` again as ``name`` (default ``<name>.reproduced-<time>``) in the local
+    experiments folder (``general.experiment_folder`` of this machine, or ``--experiment_folder``), then write and
+    return the check (``NEW/reproduction_check.md``) and its path. Rerunning with the same ``name`` resumes the
+    reproduction. Under torchrun the ranks other than 0 return ``("", None)``."""
     folder = Path(folder)
     cfg, info = open_finished(folder)
     check_overrides(overrides)
@@ -234,9 +234,9 @@ def reproduce_results(folder: Path, name: Optional[str] = None, overrides: Seque
     if exp.folder.resolve() == folder.resolve():
         raise C.ConfigError(f"--experiment_name {name}: that is the stored experiment's own folder; give the "
                             f"reproduction another name (default: {default_name(recorded, 'TIME')})")
+    given = tuple(path.split("~")[0] for path, _ in overrides)  # set on purpose: listed in the check
     for method in exp.methods:
         recorded_cfg = (info["fingerprint"].get("methods") or {}).get(method)
-        given = tuple(path.split("~")[0] for path, _ in overrides)  # set on purpose: listed in the check
         left = [k for k in sorted(_flat(method_fixes(recorded_cfg, result_view(exp.method_config(method)))))
                 if not k.startswith(given)] if isinstance(recorded_cfg, dict) else []
         if left:
@@ -245,7 +245,8 @@ def reproduce_results(folder: Path, name: Optional[str] = None, overrides: Seque
     if not exp.run():  # a torchrun rank other than 0
         return "", None
     new_info = read_json_checked(exp.folder / "experiment.json")
-    rows = compare(read_reproductions(folder / "reproductions.csv"), read_reproductions(exp.folder / "reproductions.csv"))
+    rows = compare(read_reproductions(folder / "reproductions.csv"),
+                   read_reproductions(exp.folder / "reproductions.csv"))
     md = check_table(recorded, name, rows, fingerprint_rows(folder, exp.folder, info, new_info),
                      provenance_summary(folder_provenance(folder)), provenance_summary(folder_provenance(exp.folder)))
     atomic_write_text(exp.folder / CHECK, md)
