@@ -18,6 +18,7 @@ import torch
 import xml_plugin
 from xml_plugin import config as C
 from xml_plugin.protocol import slots
+from xml_plugin.engine.diagnostics import EMBEDDING_KEYS
 from xml_plugin.protocol.experiment import Experiment
 
 from conftest import as_cli_args, tiny_overrides
@@ -57,8 +58,27 @@ def test_full_job_budgets_reproductions_report(tiny_cfg):
         assert t.value == pytest.approx(sum(folds) / 4)
     reps = [t for t in _trials(exp, "xml", "reproductions") if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["seed"] for t in reps) == [1000, 2000]
-    rows = [r for r in _csv(exp.folder / "report.csv") if not r["reference"]]
+    report = _csv(exp.folder / "report.csv")
+    rows = [r for r in report if not r["reference"] and r["metric"] not in EMBEDDING_KEYS]
     assert list(rows[0])[:9] == ["dataset", "method", "embedding", "metric", "mean", "ci95", "n", "reference", "verdict"]
+    # the embedding-space measures: one mean row per method and measure, over the 2 reproductions
+    space = [r for r in report if r["metric"] in EMBEDDING_KEYS]
+    assert {(r["method"], r["metric"]) for r in space} == {(m, k) for m in ("baseline", "xml") for k in EMBEDDING_KEYS}
+    assert {r["n"] for r in space} == {"2"} and {r["embedding"] for r in space} == {"concatenated"}
+    # one search: the headline says the verdict does not cover the search; the bootstrap interval is beside it
+    assert "not covered (one search)" in md and "does not cover" not in md.split("## ")[0]
+    assert "One search per method: the verdict covers the reproductions' seeds" in md
+    primary = [r for r in report if r["reference"] and r["comparison"] == "equal_budget" and r["endpoint"] == "primary"]
+    assert len(primary) == 1 and primary[0]["boot_resamples"] == "1000"
+    assert float(primary[0]["boot_low"]) <= float(primary[0]["boot_high"])
+    # attribution: both searches drew the same shared values first (every trial scores 1.0, the first is the best), so
+    # the baseline at XML's parameters is the baseline itself and the equal-parameter rows equal the equal-budget ones
+    assert exp.search_summary("xml")["best"]["loss.options.alpha"] == exp.search_summary("baseline")["best"][
+        "loss.options.alpha"]
+    by = {(r["comparison"], r["embedding"], r["metric"]): r for r in report if r["reference"]}
+    attributed = [k for k in by if k[0] == "equal_params"]
+    assert attributed and all(by[k]["mean"] == by[("equal_budget",) + k[1:]]["mean"] for k in attributed)
+    assert "Attribution: each method against `baseline`" in md
     metrics = ["precision_at_1", "r_precision", "mean_average_precision_at_r"] + [
         f"recall_at_{k}" for k in cfg["eval"]["recall_at"]]  # the tiny test set is larger than 8: every K is kept
     assert sorted({r["metric"] for r in rows}) == sorted(metrics)
@@ -219,7 +239,7 @@ def test_two_workers_share_the_work_one_killed(tmp_path, backend):
     assert sorted(t.user_attrs["slot"] for t in base) == [0, 1, 2, 3]  # the same budget as XML
     reps = [t for t in _trials(exp, "xml", "reproductions") if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["slot"] for t in reps) == [0, 1]
-    rows = [r for r in _csv(folder / "report.csv") if not r["reference"]]
+    rows = [r for r in _csv(folder / "report.csv") if not r["reference"] and r["metric"] not in EMBEDDING_KEYS]
     assert len(rows) == 2 * 2 * (3 + len(cfg["eval"]["recall_at"])) and {r["n"] for r in rows} == {"2"}
 
 
@@ -267,7 +287,8 @@ def test_reproductions_csv_recomputes_means_and_paired_intervals(tiny_cfg):
     exp = Experiment(cfg, "paired", progress=False)
     md = exp.run()
     reps = _csv(exp.folder / "reproductions.csv")
-    assert list(reps[0]) == ["dataset", "method", "reproduction", "seed", "fold", "embedding", "metric", "value"]
+    assert list(reps[0]) == ["dataset", "method", "reproduction", "seed", "fold", "embedding", "metric", "value",
+                             "search"] and {r["search"] for r in reps} == {""}  # one search
     values = {}
     for r in reps:
         values.setdefault((r["method"], r["embedding"], r["metric"]), {}).setdefault(r["seed"], []).append(
@@ -291,9 +312,10 @@ def test_reproductions_csv_recomputes_means_and_paired_intervals(tiny_cfg):
             lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
             assert float(r["ci95"]) == pytest.approx((hi - lo) / 2, rel=1e-9)
     nontrivial = 0
-    for r in diffs:
+    assert {r["comparison"] for r in diffs} == {"equal_budget", "equal_params"}
+    for r in diffs:  # equal_params: XML against the baseline at XML's parameters, rows baseline@xml
         a = values[("xml", r["embedding"], r["metric"])]
-        b = values[("baseline", r["embedding"], r["metric"])]
+        b = values[("baseline" if r["comparison"] == "equal_budget" else "baseline@xml", r["embedding"], r["metric"])]
         d = np.array([a[s][0][1] - b[s][0][1] for s in sorted(a)])  # paired by seed
         assert float(r["mean"]) == pytest.approx(d.mean(), abs=1e-12)
         if d.std() > 0:
@@ -328,3 +350,56 @@ def test_unequal_budgets_are_reported_in_bold(tiny_cfg):
     md = exp.run()
     assert "**Unequal budgets" in md and "baseline: 1" in md and "xml: 2" in md
     assert md.index("**Unequal budgets") < md.index("| Method |")
+
+
+def _protocol_imports():
+    """{module: the protocol modules it imports} for every file of xml_plugin/protocol (imports inside functions
+    included), read with ``ast`` without importing anything."""
+    import ast
+    folder = REPO / "xml_plugin" / "protocol"
+    modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name in modules:
+        found = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:  # from .x import y / from . import x, y
+                    targets = [node.module] if node.module else [a.name for a in node.names]
+                elif node.level == 0 and (node.module or "").startswith("xml_plugin.protocol"):
+                    rest = node.module.removeprefix("xml_plugin.protocol").lstrip(".")
+                    targets = [rest.split(".")[0]] if rest else [a.name for a in node.names]
+                else:
+                    targets = []
+                found |= {t.split(".")[0] for t in targets if t.split(".")[0] in modules}
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[2] for a in node.names
+                          if a.name.startswith("xml_plugin.protocol.") and a.name.split(".")[2] in modules}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_layout_protocol_imports_run_one_way():
+    graph = _protocol_imports()
+    # sanity of the parser: edges that exist
+    assert {"state", "identity", "search", "reproductions", "verdicts"} <= graph["experiment"]
+    assert "verdicts" in graph["report"] and "state" in graph["search"]
+    done, active, cycle = set(), [], []
+
+    def visit(node):
+        if node in active:
+            cycle.extend(active[active.index(node):] + [node])
+            return True
+        if node in done:
+            return False
+        active.append(node)
+        if any(visit(n) for n in sorted(graph[node])):
+            return True
+        active.pop()
+        done.add(node)
+        return False
+    assert not any(visit(n) for n in sorted(graph)), " -> ".join(cycle)
+    # the state is at the bottom; statistics, report writers and plots take plain data, never the experiment
+    above_state = {"experiment", "identity", "search", "reproductions", "evaluate_saved", "reproduce_results"}
+    assert not graph["state"] & above_state
+    for plain in ("verdicts", "report", "plots", "measures"):
+        assert not graph[plain] & (above_state | {"state", "workers", "slots"}), (plain, graph[plain])

@@ -26,7 +26,7 @@ VERDICT_COLUMNS = ("dataset", "method", "embedding", "metric", "mean", "ci95", "
 MEAN_COLUMNS = VERDICT_COLUMNS[:7]
 CSV_COLUMNS = VERDICT_COLUMNS + ("comparison", "search", "endpoint", "p_value", "p_adjusted", "boot_low", "boot_high",
                                  "boot_resamples")
-REPRODUCTION_COLUMNS = ("dataset", "method", "reproduction", "seed", "fold", "embedding", "metric", "value")
+REPRODUCTION_COLUMNS = ("dataset", "method", "reproduction", "seed", "fold", "embedding", "metric", "value", "search")
 BASELINE = "baseline"
 MISSING = "–"  # shown in a cell that no experiment filled
 HOLM_MARK = "†"  # after a verdict decided by a Holm-adjusted p-value
@@ -111,13 +111,14 @@ def rows_to_csv(rows: Iterable[Mapping]) -> str:
 
 def reproductions_to_csv(records: Iterable[Mapping]) -> str:
     """One row per method, reproduction, seed, fold, embedding and metric (``fold`` empty for the concatenated
-    embedding and for ``separate``, the mean of the fold rows)."""
+    embedding and for ``separate``, the mean of the fold rows; ``search`` empty with one search per method)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(REPRODUCTION_COLUMNS)
     for r in records:
         writer.writerow([r["dataset"], r["method"], r["reproduction"], r["seed"],
-                         "" if r.get("fold") is None else r["fold"], r["embedding"], r["metric"], repr(float(r["value"]))])
+                         "" if r.get("fold") is None else r["fold"], r["embedding"], r["metric"],
+                         repr(float(r["value"])), "" if r.get("search") is None else r["search"]])
     return out.getvalue()
 
 
@@ -400,14 +401,15 @@ def _holm_for(rows: Sequence[Mapping], comparison: str, primary: Mapping) -> lis
 def write_report(folder, rows: Sequence[Mapping], title: str, notes: str = "", diffs: Sequence[Mapping] = (),
                  preface: str = "", reproductions: Sequence[Mapping] | None = None, primary: Mapping = PRIMARY,
                  attribution: Sequence[Mapping] = (), bootstrap: Sequence[Mapping] = (),
-                 over_searches: Sequence[Mapping] = ()) -> str:
+                 over_searches: Sequence[Mapping] = (), measures: Sequence[Mapping] = ()) -> str:
     """Write report.csv (means, then paired rows), report.md, report.tex and, when ``reproductions`` is given,
     reproductions.csv into `folder`; return the markdown.
 
     ``diffs``: `paired_differences` rows (the methods' own searches, ``equal_budget``; with a ``search`` key when
     there are several); ``attribution``: the same for "M − R at M's parameters" (``equal_params``);
     ``bootstrap``: `verdicts.bootstrap_rows`; ``over_searches``: `verdicts.over_searches_rows`; ``primary``: the
-    primary endpoint (``report.primary``).
+    primary endpoint (``report.primary``); ``measures``: mean rows of other measures (the embedding-space
+    measures, `protocol.measures`), written to report.csv after the means and left out of the tables.
 
     At the top, the primary endpoint's verdict per data set and method. Then one table per data set: a row per
     method, columns metric x embedding, cells 'mean ± ci95' in percent, bold only where the report's verdict
@@ -486,7 +488,7 @@ def write_report(folder, rows: Sequence[Mapping], title: str, notes: str = "", d
     markdown = "".join(md_parts)
     if reproductions is not None:
         atomic_write_text(folder / "reproductions.csv", reproductions_to_csv(reproductions))
-    atomic_write_text(folder / "report.csv", rows_to_csv(rows + paired))
+    atomic_write_text(folder / "report.csv", rows_to_csv(rows + list(measures) + paired))
     atomic_write_text(folder / "report.md", markdown)
     atomic_write_text(folder / "report.tex", "".join(tex_parts))
     return markdown
@@ -509,6 +511,7 @@ def compare(folders: Sequence, names: Sequence[str] | None = None,
     `names[i]` if given, else the "loss" of the folder's experiment.json if present (without either,
     the method alone). `labels` maps a csv method name to its display name. Returns (markdown, latex).
     """
+    from ..engine.diagnostics import EMBEDDING_KEYS  # the embedding-space measures' rows: not compared
     folders = [Path(f) for f in folders]
     labels = dict(labels or {})
     if names is not None and len(names) != len(folders):
@@ -526,7 +529,7 @@ def compare(folders: Sequence, names: Sequence[str] | None = None,
         bold |= {(_row_label(method, loss, labels), column)
                  for method, column in _better_cells([r for r in rows if r["reference"]], with_dataset=True)}
         for r in rows:
-            if r["reference"]:
+            if r["reference"] or r["metric"] in EMBEDDING_KEYS:
                 continue
             label = _row_label(r["method"], loss, labels)
             key = (label, (r["dataset"], r["metric"], r["embedding"]))
