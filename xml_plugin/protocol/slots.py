@@ -1,9 +1,9 @@
 """Exact trial budgets for one or many workers sharing an Optuna storage.
 
 Each unit of work (a search trial, a reproduction) holds a *slot* 0..n-1 recorded as the trial's user attribute
-``slot``. The storage hands out the slots: every slot that no trial holds is queued as a WAITING trial that carries
-its slot from the moment it exists (``Study.enqueue_trial``), and Optuna moves a WAITING trial to RUNNING for exactly
-one worker (a row lock on PostgreSQL; on SQLite every transaction of ``make_storage``'s engine is ``BEGIN IMMEDIATE``,
+``slot``. The storage hands out the slots: a worker that finds no trial waiting queues the smallest slot that no
+trial holds as a WAITING trial that carries its slot from the moment it exists (``Study.enqueue_trial``), and Optuna
+moves a WAITING trial to RUNNING for exactly one worker (a row lock on PostgreSQL; on SQLite every transaction of ``make_storage``'s engine is ``BEGIN IMMEDIATE``,
 without which the driver reads outside transactions and two workers can pop the same trial). Two workers that queue
 the same free slot at the same moment make two copies of it: the copy with the smaller trial number holds the slot and
 the other is failed as ``surplus`` when it is popped. That check cannot race, because the storage numbers the trials
@@ -146,11 +146,12 @@ def _held(trials: List[optuna.trial.FrozenTrial], but: int = -1) -> Dict[int, Li
     return held
 
 
-def queue_free_slots(study: optuna.Study, n_slots: int,
-                     trials: Optional[List[optuna.trial.FrozenTrial]] = None) -> List[int]:
-    """Queue a WAITING trial for every slot of ``0..n_slots-1`` that no counted trial holds; returns those slots."""
+def queue_free_slots(study: optuna.Study, n_slots: int, trials: Optional[List[optuna.trial.FrozenTrial]] = None,
+                     most: Optional[int] = None) -> List[int]:
+    """Queue a WAITING trial for each slot of ``0..n_slots-1`` that no counted trial holds (the ``most`` smallest of
+    them); returns those slots."""
     held = _held(study.get_trials(deepcopy=False) if trials is None else trials)
-    free = [s for s in range(n_slots) if s not in held]
+    free = [s for s in range(n_slots) if s not in held][:most]
     for s in free:
         study.enqueue_trial({}, user_attrs={SLOT: s})
     return free
@@ -221,13 +222,10 @@ def run_slots(study: optuna.Study, n_slots: int, work: Callable[[optuna.Trial, i
     while True:
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        if len(_finished(trials)) >= n_slots:
-            if not waiting:
-                return
-            queued = []  # left-over copies of finished slots: popped and failed as surplus, so none lingers
-        else:
-            queued = queue_free_slots(study, n_slots, trials)
-        if not queued and not waiting:
+        if len(_finished(trials)) >= n_slots and not waiting:
+            return  # (a copy left waiting for a finished slot is popped and failed as surplus first)
+        # one slot at a time, when nothing waits: two copies of a slot only when two workers look at the same moment
+        if not waiting and not queue_free_slots(study, n_slots, trials, most=1):
             if on_wait is not None:  # every open slot is running in another worker
                 on_wait()
             time.sleep(poll_seconds)
