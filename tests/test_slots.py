@@ -1,10 +1,12 @@
 """Slots on Optuna's public API: exact budgets, heartbeats, re-queued trials of dead or interrupted workers."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 
 import optuna
@@ -209,7 +211,7 @@ import sys, time, optuna
 from pathlib import Path
 from xml_plugin.protocol import slots
 optuna.logging.set_verbosity(optuna.logging.ERROR)
-study = optuna.load_study(study_name="q", storage=slots.make_storage(sys.argv[1], heartbeat_interval=60))
+study = optuna.load_study(study_name=sys.argv[4], storage=slots.make_storage(sys.argv[1], heartbeat_interval=60))
 Path(sys.argv[2] + sys.argv[3]).touch()
 while not all(Path(sys.argv[2] + w).exists() for w in ("0", "1")):  # both workers start popping together
     time.sleep(0.001)
@@ -221,14 +223,21 @@ print(" ".join(map(str, got)))
 """
 
 
-def test_a_queued_trial_is_handed_to_one_worker_only(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_queued_trial_is_handed_to_one_worker_only(tmp_path, backend):
     # without BEGIN IMMEDIATE, sqlite3 reads a WAITING trial outside any transaction: both workers can pop it
-    url = f"sqlite:///{tmp_path / 'q.db'}"
-    study = optuna.create_study(study_name="q", storage=slots.make_storage(url, heartbeat_interval=60))
+    if backend == "postgresql":
+        url = os.environ.get("XML_PLUGIN_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("set XML_PLUGIN_TEST_POSTGRES_URL (bash .ci/run starts a PostgreSQL server and sets it)")
+    else:
+        url = f"sqlite:///{tmp_path / 'q.db'}"
+    name = f"q{uuid.uuid4().hex[:8]}"  # a fresh study in a shared database
+    study = optuna.create_study(study_name=name, storage=slots.make_storage(url, heartbeat_interval=60))
     n = 60
     for s in range(n):
         study.enqueue_trial({}, user_attrs={slots.SLOT: s})
-    procs = [subprocess.Popen([sys.executable, "-c", _POP, url, str(tmp_path / "ready"), str(w)],
+    procs = [subprocess.Popen([sys.executable, "-c", _POP, url, str(tmp_path / "ready"), str(w), name],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
