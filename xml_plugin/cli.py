@@ -184,6 +184,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--export and --split go with --evaluate EXPERIMENT_FOLDER")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     try:
+        import importlib.util
+        if importlib.util.find_spec("faiss") is None:
+            raise C.ConfigError("faiss is not installed: pip install 'xml-plugin[cpu]' (or 'xml-plugin[gpu]' on a CUDA "
+                                "machine; never both, they ship the same faiss package)")
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if args.imports:
@@ -244,6 +248,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             backup = exp.restart()
             if backup:
                 print(f"restart: the old experiment is kept as {backup}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            from .engine.train import faiss_index
+            import faiss
+            print(f"evaluation: faiss {getattr(faiss, '__version__', '?')}, {faiss_index()}", file=sys.stderr)
         md = exp.run()
         if not md:  # a torchrun rank other than 0: rank 0 prints the report
             return 0

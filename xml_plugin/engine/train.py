@@ -486,7 +486,16 @@ def provenance(device: torch.device) -> Dict[str, Any]:
     return {"world_size": D.world_size(), "torch_threads": torch.get_num_threads(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
-            "faiss": getattr(faiss, "__version__", "unknown")}
+            "faiss": getattr(faiss, "__version__", "unknown"), "faiss_index": faiss_index()}
+
+
+def faiss_index() -> str:
+    """Where the evaluation's exact k-NN search runs: PML's FaissKNN uses a GPU index only for CUDA tensors when faiss
+    sees GPUs, and the embeddings are always moved to the CPU before the metrics (``embed``), so it is the CPU flat
+    index; the faiss GPU count is shown for the record."""
+    import faiss
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return f"cpu (exact flat index; faiss sees {gpus} GPU{'s' if gpus != 1 else ''})"
 
 
 class _Recorder:
