@@ -52,10 +52,11 @@ class FixedCache:
         base = centres[self.labels] + 0.7 * torch.randn(len(self.labels), 8, 8, 8, generator=g)
         self.feats = torch.stack([base, base + 0.2 * torch.randn(base.shape, generator=g)], dim=1).relu()  # [N, 2, ...]
 
-    def train_features(self, idx, views):
+    def train_features(self, idx, views, pooled=False):
+        assert not pooled, "this cache holds maps only"
         return self.feats[torch.as_tensor(idx), torch.as_tensor(views)]
 
-    def eval_features(self, idx):
+    def eval_features(self, idx, pooled=False):
         return self.feats[torch.as_tensor(idx), 0]
 
 
