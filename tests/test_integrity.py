@@ -198,12 +198,12 @@ def test_a_damaged_optuna_db_is_an_input_error_naming_it(finished, capsys):
     assert _report_numbers(folder) == _report_numbers(finished[3])
 
 
-@pytest.mark.parametrize("damage", ["zeroed", "truncated", "meta"])
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "meta", "pooled copy"])
 def test_a_damaged_feature_cache_is_rebuilt_and_gives_the_same_report(finished, capsys, damage):
     tmp, args, _, pristine = finished
     (cache_dir,) = [p.parent for p in (tmp / "cache" / "features").glob("*/meta.json")]
     meta = json.loads((cache_dir / "meta.json").read_text())
-    assert set(meta["arrays"]) == {"eval.npy", "train.npy"}
+    assert set(meta["arrays"]) == {"eval.npy", "train.npy", "eval_pooled.npy", "train_pooled.npy"}
     train = cache_dir / "train.npy"
     data = bytearray(train.read_bytes())
     if damage == "zeroed":  # same size, a block of values overwritten with zeros
@@ -212,9 +212,13 @@ def test_a_damaged_feature_cache_is_rebuilt_and_gives_the_same_report(finished, 
         train.write_bytes(bytes(data))
     elif damage == "truncated":
         train.write_bytes(bytes(data[: len(data) // 2]))
-    else:
+    elif damage == "meta":
         (cache_dir / "meta.json").write_text("{not json")
-    name = f"cache_{damage}"
+    else:  # the GAP methods' pooled copy, one byte
+        pooled = bytearray((cache_dir / "train_pooled.npy").read_bytes())
+        pooled[-5] ^= 0x40
+        (cache_dir / "train_pooled.npy").write_bytes(bytes(pooled))
+    name = f"cache_{damage}".replace(" ", "_")
     code, out, err = run_main(capsys, ["--experiment_name", name, "--no_progress", "--methods", "baseline", *args])
     assert code == 0, err[-2000:]
     if damage != "meta":

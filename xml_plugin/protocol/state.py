@@ -16,7 +16,7 @@ from .. import config as C
 from .. import registry
 from ..engine import distributed as D
 from ..engine import train as T
-from ..engine.cache import FeatureCache, pooled_choice
+from ..engine.cache import FeatureCache, can_use_pooled, pooled_choice
 from ..engine.io import stable_hash
 from ..engine.model import build_trunk, frozen_blocks
 from . import slots
@@ -196,6 +196,9 @@ class ExperimentState:
             # pooled before the projection: equal to the full maps up to float rounding, but not the same numbers;
             # recorded only when true so that the folders of full-cache experiments keep their names
             self.resolved["cache_pooled"] = True
+        elif cached and k == trunk.num_blocks and any(can_use_pooled(m) for m in method_cfgs):
+            # GAP methods read the full cache's pooled copy (engine/cache.py): again equal up to float rounding only
+            self.resolved["pooled_copy"] = True
         if self.cfg["general"].get("storage"):
             self.storage  # an unreachable server is reported before anything is written
         self._check_batches(labels, split, method_cfgs)
