@@ -95,7 +95,7 @@ def bare_fold(cfg, ctx, train_idx, val_idx, seed: int) -> float:
             for start in range(0, len(val_idx), 128):
                 x = torch.from_numpy(np.ascontiguousarray(eval_arr[val_idx[start:start + 128]]))
                 embs.append(model(x if pooled else x.float(), from_cache=True).embedding)
-            e = torch.cat(embs)
+            e = torch.nn.functional.normalize(torch.cat(embs), dim=1)  # the project's metrics normalise first
         acc = calc.get_accuracy(e, torch.as_tensor(val_labels))
         best = max(best, acc["mean_average_precision_at_r"])
     return best
