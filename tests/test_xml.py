@@ -17,14 +17,14 @@ from xml_plugin.models.xml_pooling import (PrototypePooling, RecursionState, kce
                                            prototype_histogram, rls_update, unit_ball)
 
 
-def _clustered_maps(num_images=24, clusters=12, n_side=4, noise=0.05, seed=0):
-    """Feature maps [N, 2, n_side, n_side] whose local features sit near a few 2-D cluster centres."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(clusters, 2, generator=g) * 3.0  # [K, 2]
-    n = n_side * n_side
-    which = torch.randint(clusters, (num_images, n), generator=g)  # [N, n]
-    local = centres[which] + noise * torch.randn(num_images, n, 2, generator=g)  # [N, n, 2]
-    return local.transpose(1, 2).reshape(num_images, 2, n_side, n_side)
+def _clustered_maps(**kwargs):
+    """Feature maps [N, 2, n_side, n_side] whose local features sit near a few 2-D cluster centres (the toy of
+    benchmarks/xml_rules_toy.py, one definition for both)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from xml_rules_toy import clustered_maps
+    return clustered_maps(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

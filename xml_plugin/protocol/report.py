@@ -456,23 +456,23 @@ def write_report(folder, rows: Sequence[Mapping], title: str, notes: str = "", d
                             f"*better*/*worse* when the interval excludes 0.\n\n"
                             + _difference_table(sub_diffs, f"Method − {ref}"))
             tex_parts.append(f"% {dataset}: paired differences\n" + _latex_differences(sub_diffs, f"Method − {ref}"))
-        sub_attr = [d for d in attribution if d["dataset"] == dataset]
-        if sub_attr:
-            ref = sub_attr[0]["reference"]
-            header = f"Method − {ref} at the method's parameters"
-            md_parts.append(f"\nAttribution: each method against `{ref}` reproduced at the method's best values of "
-                            f"the keys they share (same seeds and views), in points: the component's own effect at "
-                            f"equal loss parameters, beside the effect under an equal budget above.\n\n"
-                            + _difference_table(sub_attr, header))
-            tex_parts.append(f"% {dataset}: attribution (equal parameters)\n" + _latex_differences(sub_attr, header))
-        sub_over = [d for d in over_searches if d["dataset"] == dataset]
-        if sub_over:
-            ref = sub_over[0]["reference"]
-            header = f"Method − {ref} over searches"
-            md_parts.append(f"\nVerdicts over searches: the mean of the {sub_over[0]['n']} searches' mean paired "
-                            f"differences and its 95% t-interval over the searches (it contains the search's own "
-                            f"noise), in points.\n\n" + _difference_table(sub_over, header))
-            tex_parts.append(f"% {dataset}: over searches\n" + _latex_differences(sub_over, header))
+        for rows_of, header_of, intro_of, tex_title in (
+                (attribution, "Method − {ref} at the method's parameters",
+                 lambda sub, ref: f"Attribution: each method against `{ref}` reproduced at the method's best values of "
+                                  f"the keys they share (same seeds and views), in points: the component's own effect at "
+                                  f"equal loss parameters, beside the effect under an equal budget above.",
+                 "attribution (equal parameters)"),
+                (over_searches, "Method − {ref} over searches",
+                 lambda sub, ref: f"Verdicts over searches: the mean of the {sub[0]['n']} searches' mean paired "
+                                  f"differences and its 95% t-interval over the searches (it contains the search's own "
+                                  f"noise), in points.",
+                 "over searches")):
+            sub = [d for d in rows_of if d["dataset"] == dataset]
+            if sub:
+                ref = sub[0]["reference"]
+                header = header_of.format(ref=ref)
+                md_parts.append(f"\n{intro_of(sub, ref)}\n\n" + _difference_table(sub, header))
+                tex_parts.append(f"% {dataset}: {tex_title}\n" + _latex_differences(sub, header))
         if holm:
             md_parts.append(f"\nThe primary endpoint ({primary_label}) is judged by its own interval; verdicts of the "
                             f"secondary cells use Holm-adjusted p-values ({HOLM_MARK}: *better*/*worse* when the "
