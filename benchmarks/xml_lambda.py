@@ -73,6 +73,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", default="auto")
     p.add_argument("--lams", type=float, nargs="+", default=list(LAMS))
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p.add_argument("--fits", nargs="+", default=list(FITS), choices=FITS)
+    p.add_argument("--priors", type=float, nargs="+", default=list(PRIORS))
     p.add_argument("--folder", default="experiments", help="where the experiment folder xml_lambda_<dataset> goes")
     p.add_argument("--out", default="docs/results/xml_lambda")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides as KEY=YAML, e.g. trainer.max_epochs=2")
@@ -87,7 +90,8 @@ def main() -> None:
     seeds = [1000 * (s + 1) for s in range(args.seeds)]  # as reproductions are seeded
     jobs = []  # (variant, lam, seed, config)
     for lam in args.lams:
-        for rule, fit, prior in (itertools.product(RULES, FITS, PRIORS) if lam > 0 else [(RULES[0], FITS[0], 1.0)]):
+        grid = itertools.product(args.rules, args.fits, args.priors)
+        for rule, fit, prior in (grid if lam > 0 else [(RULES[0], FITS[0], 1.0)]):
             name = variant_name(rule, fit, prior) if lam > 0 else "lam=0 (base loss)"
             for seed in seeds:
                 jobs.append((name, lam, seed, unit_config(exp.base_cfg, args.dataset, rule, fit, prior, lam)))

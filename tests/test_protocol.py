@@ -335,9 +335,9 @@ def test_search_none_and_a_loss_with_nothing_to_search_run_every_method_once(tin
         for method in ("baseline", "xml"):
             trials = [t for t in _trials(exp, method) if t.user_attrs.get("fail_reason") != "surplus"]
             assert len(trials) == 1 and trials[0].params == {}, (name, method)
-        # the markers' defaults were used: XML's lambda is its default 1.0, multi-similarity's alpha PML's 2.0
+        # the markers' defaults were used: XML's lambda its marker default in config_methods/xml.yaml (0.1), alpha PML's 2.0
         xml = exp.method_config("xml")
-        assert xml["loss_wrapper"]["options"]["lam"] == 1.0
+        assert xml["loss_wrapper"]["options"]["lam"] == 0.1
         if name == "none":
             assert xml["loss"]["options"]["alpha"] == 2.0
         assert "Unequal budgets" not in md and "nothing searched" in md

@@ -255,3 +255,12 @@ def test_bootstrap_rows_pair_reproductions_by_key():
     assert row == dict(dataset="cub", method="xml", embedding="concatenated", metric=V.MAP_AT_R, reference="baseline",
                        comparison="equal_budget", mean=boot["mean"], n=2, boot_low=boot["low"],
                        boot_high=boot["high"], boot_resamples=20)
+
+
+def test_one_reproduction_claims_nothing():
+    """A single paired difference has no interval and no p-value: the verdict says no test was possible, not "no
+    difference detected"."""
+    r = V.paired_t([0.2])
+    assert r["n"] == 1 and math.isnan(r["ci95"]) and math.isnan(r["p_value"])
+    assert V.interval_verdict(r["mean"], r["ci95"]) == V.NO_TEST == V.p_verdict(r["mean"], r["p_value"])
+    assert "no test" in V.NO_TEST and V.interval_verdict(0.2, 0.1) == V.BETTER

@@ -23,6 +23,7 @@ from scipy import stats
 from ..config import ConfigError
 
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no difference detected"
+NO_TEST = "no test (fewer than 2 reproductions)"  # one paired difference has no interval: nothing is claimed
 MAP_AT_R = "mean_average_precision_at_r"
 PRIMARY = {"metric": MAP_AT_R, "embedding": "concatenated"}  # report.primary's default
 BOOTSTRAP_METRICS = ("precision_at_1", "r_precision", MAP_AT_R)
@@ -64,15 +65,19 @@ def paired_t(differences: Sequence[float], level: float = 0.95) -> Dict[str, flo
 
 
 def interval_verdict(mean: float, ci95: float) -> str:
-    """``better`` when the interval mean ± ci95 lies above 0, ``worse`` below, else ``no difference detected``."""
+    """``better`` when the interval mean ± ci95 lies above 0, ``worse`` below, else ``no difference detected``;
+    ``no test`` without an interval (a single reproduction)."""
     if math.isnan(ci95):
-        return NO_DIFFERENCE
+        return NO_TEST
     return BETTER if mean - ci95 > 0 else WORSE if mean + ci95 < 0 else NO_DIFFERENCE
 
 
 def p_verdict(mean: float, p: float, alpha: float = 0.05) -> str:
-    """``better`` / ``worse`` (sign of the mean) when p < alpha, else ``no difference detected``."""
-    if p is None or math.isnan(p) or not p < alpha:
+    """``better`` / ``worse`` (sign of the mean) when p < alpha, else ``no difference detected``; ``no test`` without
+    a p-value (a single reproduction)."""
+    if p is None or math.isnan(p):
+        return NO_TEST
+    if not p < alpha:
         return NO_DIFFERENCE
     return BETTER if mean > 0 else WORSE if mean < 0 else NO_DIFFERENCE
 
