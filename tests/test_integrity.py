@@ -321,3 +321,14 @@ def test_two_workers_with_different_configs_one_owns_the_folder(tmp_path):
     assert info["loss"] == winner and C.load_yaml(folder / "config.yaml")["loss"]["name"] == winner
     assert "another configuration" in errs[codes.index(2)]
     assert not [p for p in (tmp_path / "experiments").iterdir() if p.name != "race"]  # no claim left behind
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """Reports and results written atomically are readable like any file the user writes (mkstemp alone makes 0600)."""
+    import stat
+    umask = os.umask(0)
+    os.umask(umask)
+    io.atomic_write_text(tmp_path / "report.md", "x\n")
+    with open(tmp_path / "plain.md", "w") as f:
+        f.write("x\n")
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.md").stat().st_mode)

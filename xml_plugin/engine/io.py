@@ -24,11 +24,16 @@ class DamagedFileError(ConfigError):
                          + (f"; {fix}" if fix else ""))
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
