@@ -8,8 +8,9 @@ methods whose trained part is a linear embedder and GAP, since GAP commutes with
 temporary folder that is renamed when complete, so a killed build is started again, never half-used.
 
 Integrity: ``meta.json`` records each array file's size, shape, dtype and SHA-256. A process verifies them once when it
-first opens the cache (1.2 s for the 530 MB `cards` cache, docs/protocol.md); a cache that fails the check (truncated, overwritten, zeroed) is
-removed and built again, with a warning naming its folder, so that a damaged cache never gives a different number.
+first opens the cache (1.2 s for the 530 MB `cards` cache, docs/protocol.md); a cache that fails the check (truncated,
+overwritten, zeroed) is removed and built again, with a warning naming its folder, so that a damaged cache never gives
+a different number.
 """
 from __future__ import annotations
 
