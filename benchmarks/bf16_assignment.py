@@ -1,6 +1,7 @@
 """Does a bfloat16 assignment product choose the same prototypes as float32, on real features?
 
     python benchmarks/bf16_assignment.py RUN_DIR [RUN_DIR ...] [--dataset cards] [--threads 1]
+    python benchmarks/bf16_assignment.py --train inner_product nearest     # trains fold 0 of the main job's XML first
 
 XML's hard histogram is an argmax over one [C, m] x [C, n] product per image (``PrototypePooling.pool_linear``); no
 gradient goes through it, so computing it in bfloat16 (AMX on this CPU) would be a speed option like AMP, not a change
@@ -38,7 +39,9 @@ def scores(protos_w, x, bias_term, dtype):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="*", type=Path)
+    p.add_argument("--train", nargs="*", default=[], metavar="RULE",
+                   help="train fold 0 of the main job's XML (lam 0.1) with each assignment rule, then check those")
     p.add_argument("--dataset", default="cards")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -51,9 +54,20 @@ def main() -> None:
     ctx = exp.setup()
     maps = torch.from_numpy(np.ascontiguousarray(ctx.source.cache._eval)).float()  # [N, C, h, w]
     x = maps.flatten(2)  # [N, C, n]
-    for run in args.runs:
-        info = read_run(run)
-        model = build_head(info["config"], ctx.trunk, ctx.frozen_blocks)
+    runs = [(run, read_run(run)["config"]) for run in args.runs]
+    if args.train:
+        import tempfile
+        from xml_plugin.engine import train as T
+        from xml_plugin.protocol.experiment import method_config
+        tr, va = (np.asarray(a) for a in exp.split.folds[0])
+        for rule in args.train:
+            ccfg = C.resolve(method_config(exp.base_cfg, "xml", [("pooling.options.assignment_rule", rule),
+                                                                 ("loss_wrapper.options.lam", 0.1)]))
+            run = Path(tempfile.mkdtemp()) / rule
+            T.train_fold(ccfg, ctx, tr, va, run, seed=0)
+            runs.append((run, ccfg))
+    for run, config in runs:
+        model = build_head(config, ctx.trunk, ctx.frozen_blocks)
         load_trainable(model, run / "best.pt", "cpu")
         weight, bias = model.embedder.linear()
         pool = model.pooling
