@@ -85,6 +85,9 @@ def main() -> None:
     words += [(k, C.parse_value(v)) for k, v in (e.split("=", 1) for e in args.extra)]
     cfg = C.load({}, words, presets=C.presets_for({}, words))
     exp = Experiment(cfg, f"xml_lambda_{args.dataset}", progress=False)
+    # no experiment fingerprint: every fold trained here is identified by its run folder's hash (the whole training
+    # config, fold and seed), so the folder is reused across changes of the method's defaults
+    exp._claim_folder = lambda dataset, split: exp.folder.mkdir(parents=True, exist_ok=True)
     exp.setup()
     folds = range(len(exp.split.folds))
     seeds = [1000 * (s + 1) for s in range(args.seeds)]  # as reproductions are seeded
@@ -168,6 +171,55 @@ def main() -> None:
         fig.savefig(out.with_suffix(".png"), dpi=110)
     except Exception as exc:  # the tables are the result; a plot failure must not lose them
         print(f"warning: plot failed: {exc}", file=sys.stderr)
+    try:
+        plot_health(units, results, [j for j in jobs for _ in folds], Path(f"{out}_health.png"), args.dataset)
+    except Exception as exc:
+        print(f"warning: health plot failed: {exc}", file=sys.stderr)
+
+
+HEALTH_PANELS = (("val_gap_error", "GAP reconstruction error (validation)"),
+                 ("val_unused_prototypes", "prototypes never chosen (validation, of 64)"),
+                 ("cross_error", "cross-batch reconstruction error (training batch)"),
+                 ("grad_ratio", "||grad lam L_xml|| / ||grad L|| (training batch)"))
+
+
+def plot_health(units, results, jobs, path: Path, dataset: str, lams=(0.0, 0.1, 1.0)) -> None:
+    """The health diagnostics over training (per epoch, mean over folds and seeds) for lam = 0 and each variant at a
+    few lams: ``OUT_<dataset>_health.png``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series = {}
+    for res, job in zip(results, jobs):
+        name, lam = job[0], job[1]
+        if lam not in lams:
+            continue
+        for h in res["history"]:
+            health = h.get("health") or {}
+            row = dict(health)
+            if health.get("base_grad_norm"):
+                row["grad_ratio"] = health.get("cross_grad_norm", float("nan")) / health["base_grad_norm"]
+            for key, _ in HEALTH_PANELS:
+                if key in row and np.isfinite(row[key]):
+                    series.setdefault((name, lam, key), {}).setdefault(h["epoch"], []).append(row[key])
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (key, title) in zip(axes.flat, HEALTH_PANELS):
+        for (name, lam, k), by_epoch in sorted(series.items()):
+            if k != key:
+                continue
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], marker=".",
+                    label=name if lam == 0 else f"{name}, lam {lam:g}",
+                    linestyle="--" if lam == 0 else "-")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        if key == "grad_ratio":
+            ax.set_yscale("symlog", linthresh=1e-3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
+    fig.suptitle(f"XML health over training on {dataset} (mean over folds and seeds)")
+    fig.tight_layout(rect=(0, 0.12, 1, 0.96))
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
