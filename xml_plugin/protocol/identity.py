@@ -51,19 +51,22 @@ def without_nulls(d: Any) -> Any:
     return d
 
 
+def flat_leaves(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """Dotted leaf paths of a config (a search marker, an empty mapping or a list is one leaf)."""
+    out: Dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v and not C.is_search_marker(v):
+            out.update(flat_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def fingerprint_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """``'path: old -> new'`` for every leaf that differs (methods compared where both have them)."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items():
-            if isinstance(v, dict) and v and not C.is_search_marker(v):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-    a = flat({"shared": old.get("shared"), "methods": {m: c for m, c in old.get("methods", {}).items()
+    a = flat_leaves({"shared": old.get("shared"), "methods": {m: c for m, c in old.get("methods", {}).items()
                                                         if m in new.get("methods", {})}})
-    b = flat({"shared": new.get("shared"), "methods": {m: c for m, c in new.get("methods", {}).items()
+    b = flat_leaves({"shared": new.get("shared"), "methods": {m: c for m, c in new.get("methods", {}).items()
                                                         if m in old.get("methods", {})}})
     # a key that is missing on one side and null on the other is the same setting (a default added later as null)
     return [f"{k.removeprefix('shared.').removeprefix('budget.')}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"

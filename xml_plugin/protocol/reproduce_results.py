@@ -20,6 +20,7 @@ from .. import config as C
 from ..engine.io import atomic_write_text, read_json_checked
 from .evaluate_saved import PROVENANCE_KEYS, folder_provenance, provenance_summary
 from .experiment import NOT_RESULTS, Experiment, fingerprint_diff, result_view
+from .identity import flat_leaves
 from .names import NAME_RE, check_name
 
 CHECK = "reproduction_check.md"
@@ -71,24 +72,13 @@ def check_overrides(overrides: Sequence[Tuple[str, Any]]) -> None:
                                 f"to change the configuration, run a new experiment")
 
 
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-    """Dotted leaf paths of a config (a search marker, an empty mapping or a list is one leaf)."""
-    out: Dict[str, Any] = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict) and v and not C.is_search_marker(v):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def method_fixes(recorded: Dict[str, Any], now: Dict[str, Any]) -> Dict[str, Any]:
     """The ``method_overrides.<method>`` values that turn the method config ``now`` (config.yaml + the overlay) into
     the ``recorded`` one (experiment.json's fingerprint): every leaf that differs set to its recorded value, a leaf
     the record lacks set to null (a null and a missing key are the same setting). The ``general`` section stays
     config.yaml's (where and how it runs)."""
-    a = {k: v for k, v in _flat(recorded).items() if not k.startswith("general.")}
-    b = {k: v for k, v in _flat(now).items() if not k.startswith("general.")}
+    a = {k: v for k, v in flat_leaves(recorded).items() if not k.startswith("general.")}
+    b = {k: v for k, v in flat_leaves(now).items() if not k.startswith("general.")}
     fixes: Dict[str, Any] = {}
     for path in sorted(set(a) | set(b)):
         if a.get(path) == b.get(path):
@@ -237,7 +227,7 @@ def reproduce_results(folder: Path, name: Optional[str] = None, overrides: Seque
     given = tuple(path.split("~")[0] for path, _ in overrides)  # set on purpose: listed in the check
     for method in exp.methods:
         recorded_cfg = (info["fingerprint"].get("methods") or {}).get(method)
-        left = [k for k in sorted(_flat(method_fixes(recorded_cfg, result_view(exp.method_config(method)))))
+        left = [k for k in sorted(flat_leaves(method_fixes(recorded_cfg, result_view(exp.method_config(method)))))
                 if not k.startswith(given)] if isinstance(recorded_cfg, dict) else []
         if left:
             print(f"warning: {method}'s recorded configuration could not be rebuilt exactly ({', '.join(left[:6])}); "

@@ -120,8 +120,6 @@ def reproduce(state, method: str, params: Dict[str, Any], search: int = 0, label
                        params, ccfg, state.resolved)
         desc = f"{name} reproduction {slot + 1}/{n}"
         state._train_folds(label, ccfg, seed, [f"{desc} fold {f + 1}" for f in folds])
-        for f in folds:
-            state._train(label, ccfg, f, seed, desc=f"{desc} fold {f + 1}", count=False)  # finished: read back
         embs = _fold_models_embed(state, label, ccfg, seed, test, desc, retrain=True)
         per_fold, separate, concatenated, cat = fold_ensemble_metrics(embs, test_labels, is_q, is_g,
                                                                       recall_ks=state.recall_ks)

@@ -255,8 +255,8 @@ class ExperimentState:
         results = pool.run([(method, ccfg, f, seed, d) for f, d in enumerate(descs)], on_done=done)
         return dict(enumerate(results))
 
-    def _train(self, method: str, ccfg: Dict[str, Any], fold: int, seed: int, desc: str, on_epoch=None,
-               count: bool = True) -> Dict[str, Any]:
+    def _train(self, method: str, ccfg: Dict[str, Any], fold: int, seed: int, desc: str,
+               on_epoch=None) -> Dict[str, Any]:
         """One fold of one configuration and seed (read back when finished, resumed from its checkpoint)."""
         tr, va = self.split.folds[fold]
         D.lead([method, ccfg, fold, seed, desc])  # torchrun: the other ranks train this fold in lockstep
@@ -266,7 +266,7 @@ class ExperimentState:
         except T.NonFiniteLossError as exc:
             raise TrialFailed(f"{slots.NONFINITE}: {exc}") from exc
         finally:
-            if count and getattr(self, "bar", None) is not None:  # the whole experiment's ETA (see Experiment.run)
+            if getattr(self, "bar", None) is not None:  # the whole experiment's ETA (see Experiment.run)
                 self.bar.update(1)
 
 
