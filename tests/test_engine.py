@@ -307,3 +307,37 @@ def test_fold_ensemble_metrics_separate_is_the_mean_and_concatenated_is_the_norm
     assert concatenated["recall_at_1"] == pytest.approx(recall_at_1(unit), abs=1e-9)
     # unnormalised concatenation would let the large-scale poor model dominate: a different number here
     assert recall_at_1(torch.cat(embs, dim=1)) != pytest.approx(recall_at_1(unit), abs=1e-9)
+
+
+def test_logs_buffered_per_epoch_keep_one_point_per_iteration(tiny_cfg):
+    """record-keeper and TensorBoard get every iteration's loss, written at each epoch's end; an epoch interrupted
+    after its checkpoint is not logged twice on resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    iters, epochs = 7, 3
+    cfg = tiny_cfg(**{"trainer.max_epochs": epochs, "trainer.iterations_per_epoch": iters, "trainer.logs": True})
+    exp = _experiment(cfg)
+    ccfg = C.resolve(method_config(cfg, "baseline"))
+    tr, va = exp.split.folds[0]
+    run_dir = exp.run_dir("baseline", ccfg, 0, 0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch, metrics):
+        if epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        T.train_fold(ccfg, exp.ctx, np.asarray(tr), np.asarray(va), run_dir, 0, on_epoch=stop_after_first)
+    res = T.train_fold(ccfg, exp.ctx, np.asarray(tr), np.asarray(va), run_dir, 0)
+    rows = list(__import__("csv").DictReader(open(run_dir / "logs" / "train.csv")))
+    its = [int(r["~iteration~"]) for r in rows]
+    assert its == list(range(iters * epochs))  # every iteration once, in order
+    losses = np.array([float(r["loss"]) for r in rows]).reshape(epochs, iters)
+    assert losses.mean(1) == pytest.approx([h["train_loss"] for h in res["history"]], rel=1e-6)
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.endswith("loss") and "train" in t]
+    assert len(tags) == 1
+    steps = sorted(e.step for e in acc.Scalars(tags[0]))
+    assert steps == list(range(iters * epochs))

@@ -499,11 +499,16 @@ def faiss_index() -> str:
 
 
 class _Recorder:
-    """record-keeper (CSV + SQLite under ``logs/``) and TensorBoard (``tensorboard/``) for one run."""
+    """record-keeper (CSV + SQLite under ``logs/``) and TensorBoard (``tensorboard/``) for one run.
+
+    Values are buffered in memory and handed to record-keeper (which writes TensorBoard's scalars) at ``save``, once per
+    epoch: the series keep one point per iteration, but no logging work happens inside the training step.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.keeper = None
         self.writer = None
+        self.pending: List[tuple] = []
         if not enabled:
             return
         try:
@@ -517,13 +522,17 @@ class _Recorder:
 
     def add(self, group: str, series: str, value: float, iteration: int) -> None:
         if self.keeper is not None:
-            self.keeper.append_data(group, series, value, iteration)
+            self.pending.append((group, series, value, iteration))
 
     def save(self) -> None:
         if self.keeper is not None:
+            for group, series, value, iteration in self.pending:
+                self.keeper.append_data(group, series, value, iteration)
+            self.pending.clear()
             self.keeper.save_records()
             self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
+            self.pending.clear()  # an interrupted epoch is trained again on resume: its values are logged then, once
             self.writer.close()
