@@ -305,3 +305,47 @@ def test_kanji_errors(tmp_path):
         embedded.Kanji(root=tmp_path, fonts=["comic-sans"])
     with pytest.raises(ValueError, match="num_classes"):
         embedded.Kanji(root=tmp_path, num_classes=0)
+
+
+@pytest.mark.parametrize("framing", ["margins", "fill", "aspect"])
+def test_cards_framings(monkeypatch, tmp_path, framing):
+    """The stored card: `margins` fills the height of a square, `fill` the whole square, `aspect` keeps the card's
+    own outline (portrait, no padding); read off the pixels, not the code's sizes."""
+    _needs_cards()
+    monkeypatch.setenv("XML_PLUGIN_CACHE", str(tmp_path / "a"))
+    ds = get_dataset("cards", decks=["standard"], image_size=64, framing=framing)
+    img = np.asarray(ds.image(0)).astype(int)
+    h, w = img.shape[:2]
+    ink_cols = np.flatnonzero((img < 250).any(axis=(0, 2)))  # columns with any non-white pixel (the card's border)
+    ink_rows = np.flatnonzero((img < 250).any(axis=(1, 2)))
+    width, height = ink_cols[-1] - ink_cols[0] + 1, ink_rows[-1] - ink_rows[0] + 1
+    if framing == "margins":
+        assert (h, w) == (64, 64) and height >= 62 and width <= 52  # a portrait card on a square: margins left/right
+    elif framing == "fill":
+        assert (h, w) == (64, 64) and height >= 62 and width >= 62
+    else:
+        assert h == 64 and 36 <= w <= 52 and width >= w - 2 and height >= 62  # the card's own portrait outline
+    if framing != "margins":  # the framing is part of the folder's identity; the original square keeps its old name
+        assert ds.folder != get_dataset("cards", decks=["standard"], image_size=64).folder
+    with pytest.raises(ValueError, match="framing"):
+        get_dataset("cards", decks=["standard"], image_size=64, framing="stretch")
+
+
+def test_random_crop_pad_to_square_keeps_the_aspect():
+    """A crop of a portrait image keeps a portrait aspect within RandomResizedCrop's [3/4, 4/3] of the image's own,
+    and is padded (white columns), not stretched: the painted share of the width is the crop's aspect."""
+    from xml_plugin.data.transforms import RandomCropPadToSquare
+    from PIL import Image
+    torch.manual_seed(0)
+    src = Image.new("RGB", (100, 150), (200, 0, 0))
+    tf = RandomCropPadToSquare(60, (0.5, 1.0))
+    shares = []
+    for _ in range(50):
+        out = np.asarray(tf(src)).astype(int)
+        assert out.shape == (60, 60, 3)
+        red = (out[..., 0] > 100) & (out[..., 1] < 100)
+        assert red.any(axis=1).all()  # the crop's height fills the square
+        shares.append(red.any(axis=0).mean())
+    lo, hi = (100 / 150) * 3 / 4, (100 / 150) * 4 / 3
+    assert min(shares) >= lo - 0.04 and max(shares) <= hi + 0.04
+    assert max(shares) - min(shares) > 0.1  # the aspect is drawn, not fixed

@@ -181,12 +181,30 @@ def render_card(exe: str, svg: Path, card_id: str, zoom: float) -> Image.Image:
     return white
 
 
-def card_image(exe: str, svg: Path, card_id: str, zoom: float, image_size: int) -> Image.Image:
-    """One stored card: rendered, cropped, longer side ``image_size``, padded square on white."""
-    return _pad_square(render_card(exe, svg, card_id, zoom), image_size, (255, 255, 255))
+CARD_FRAMINGS = ("margins", "fill", "aspect")
 
 
-def _build_cards(tmp: Path, decks: Sequence[str], image_size: int, deck_dir: Path, workers: int) -> Dict:
+def card_image(exe: str, svg: Path, card_id: str, zoom: float, image_size: int, framing: str = "margins") -> Image.Image:
+    """One stored card, rendered and cropped to its outline, then framed (``framing``):
+
+    * ``margins``: longer side ``image_size``, padded to a square on white (the card fills the height only);
+    * ``fill``: resized whole to ``image_size`` x ``image_size`` (the card fills the frame; its aspect changes);
+    * ``aspect``: longer side ``image_size``, its own aspect kept, no padding (the transforms pad it: docs/data.md).
+    """
+    card = render_card(exe, svg, card_id, zoom)
+    if framing == "margins":
+        return _pad_square(card, image_size, (255, 255, 255))
+    if framing == "fill":
+        return card.resize((image_size, image_size), Image.LANCZOS)
+    if framing == "aspect":
+        w, h = card.size
+        scale = image_size / max(w, h)
+        return card.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    raise ValueError(f"framing must be one of {', '.join(CARD_FRAMINGS)}, got {framing!r}")
+
+
+def _build_cards(tmp: Path, decks: Sequence[str], image_size: int, deck_dir: Path, workers: int,
+                 framing: str = "margins") -> Dict:
     from tqdm import tqdm
 
     exe = _rsvg_convert()
@@ -205,7 +223,7 @@ def _build_cards(tmp: Path, decks: Sequence[str], image_size: int, deck_dir: Pat
     def one(task: Tuple[str, str]) -> str:
         deck, card = task
         rel = f"{deck}/{card}.png"
-        img = card_image(exe, svgs[deck], card, zooms[deck], image_size)
+        img = card_image(exe, svgs[deck], card, zooms[deck], image_size, framing)
         (tmp / deck).mkdir(exist_ok=True)
         img.save(tmp / rel)
         return rel
@@ -228,21 +246,26 @@ class Cards(EmbeddedDataset):
     name = "cards"
 
     def __init__(self, root=None, transform: Optional[Callable] = None, decks: Optional[Sequence[str]] = None,
-                 image_size: int = 256, deck_dir: str = str(DECK_DIR), workers: int = 2):
+                 image_size: int = 256, deck_dir: str = str(DECK_DIR), workers: int = 2, framing: str = "margins"):
         super().__init__(transform)
         self.decks = list(CARD_DECKS if decks is None else decks)
         if not self.decks or len(set(self.decks)) != len(self.decks):
             raise ValueError(f"decks must be a non-empty list of distinct deck names, got {decks!r}")
         self.image_size = _check_size(image_size)
+        if framing not in CARD_FRAMINGS:
+            raise ValueError(f"framing must be one of {', '.join(CARD_FRAMINGS)}, got {framing!r}")
+        self.framing = framing
         deck_dir = Path(deck_dir)
         for deck in self.decks:
             _deck_file(deck_dir, deck)  # fail early, naming the apt packages
         folder = build_once(self.name, self.version, self.options(),
-                            lambda tmp: _build_cards(tmp, self.decks, self.image_size, deck_dir, workers), root)
+                            lambda tmp: _build_cards(tmp, self.decks, self.image_size, deck_dir, workers, framing), root)
         self._load(folder)
 
     def options(self) -> Dict:
-        return {"decks": self.decks, "image_size": self.image_size}
+        # the framing is named only when it is not the original square with margins: those folders keep their names
+        return {"decks": self.decks, "image_size": self.image_size,
+                **({"framing": self.framing} if self.framing != "margins" else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,4 +421,4 @@ register("dataset", Cards, name="cards", aliases=["playing_cards"])
 register("dataset", Kanji, name="kanji", aliases=["cjk", "glyphs"])
 
 __all__ = ["Cards", "Kanji", "build_once", "render_card", "render_glyph", "common_codepoints",
-           "CARD_DECKS", "CARD_IDS", "KANJI_FONTS", "BUILD_COUNTS"]
+           "CARD_DECKS", "CARD_IDS", "CARD_FRAMINGS", "KANJI_FONTS", "BUILD_COUNTS"]

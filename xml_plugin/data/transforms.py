@@ -26,21 +26,46 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> T.Normalize:
     return T.Normalize(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
+class RandomCropPadToSquare:
+    """A random crop that keeps the image's own aspect ratio, padded to a square with ``fill`` and resized.
+
+    The crop covers a fraction in ``scale`` of the image's area, with an aspect ratio between 3/4 and 4/3 of the
+    image's own (RandomResizedCrop's rule, relative to the image instead of to a square): a crop of a portrait card is
+    a portrait piece of the card, never its margins, and it is not stretched to a square but padded.
+    """
+
+    def __init__(self, size: int, scale: Tuple[float, float], fill=(255, 255, 255)):
+        self.size, self.scale, self.fill = int(size), (float(scale[0]), float(scale[1])), tuple(int(v) for v in fill)
+        self.pad = PadToSquare(self.fill)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        aspect = w / h
+        top, left, ch, cw = T.RandomResizedCrop.get_params(img, self.scale, (aspect * 3 / 4, aspect * 4 / 3))
+        return self.pad(img.crop((left, top, left + cw, top + ch))).resize((self.size, self.size), Image.BILINEAR)
+
+    def __repr__(self) -> str:
+        return f"RandomCropPadToSquare(size={self.size}, scale={self.scale}, fill={self.fill})"
+
+
 def train_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD, scale: Tuple[float, float] = (0.16, 1.0),
-                    flip: bool = True) -> T.Compose:
+                    flip: bool = True, pad: bool = False) -> T.Compose:
     """Training views: RandomResizedCrop(image_size, scale), horizontal flip (unless ``flip=False``:
-    a mirrored glyph or card is another glyph), ToTensor, Normalize(mean, std)."""
+    a mirrored glyph or card is another glyph), ToTensor, Normalize(mean, std). ``pad=True``: the crop keeps the
+    image's aspect ratio and is padded to a square instead of stretched (:class:`RandomCropPadToSquare`)."""
     _check_size(image_size)
     if not isinstance(flip, bool):
         raise ValueError(f"transforms.train.flip must be true or false, got {flip!r}")
+    if not isinstance(pad, bool):
+        raise ValueError(f"transforms.train.pad must be true or false, got {pad!r}")
     try:
         lo, hi = (float(v) for v in scale)
     except (TypeError, ValueError):
         lo = hi = float("nan")
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"transforms.train.scale must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
-    steps = [T.RandomResizedCrop(image_size, scale=(float(lo), float(hi)))]
+    steps = [RandomCropPadToSquare(image_size, (lo, hi)) if pad else T.RandomResizedCrop(image_size, scale=(lo, hi))]
     if flip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), _normalize(mean, std)]
@@ -100,4 +125,4 @@ def eval_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
     return T.Compose(steps + [T.ToTensor(), _normalize(mean, std)])
 
 
-__all__ = ["train_transform", "eval_transform", "PadToSquare", "EVAL_MODES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["train_transform", "eval_transform", "PadToSquare", "RandomCropPadToSquare", "EVAL_MODES", "IMAGENET_MEAN", "IMAGENET_STD"]
