@@ -1,6 +1,7 @@
 """Layered YAML configs: merge rules, loading in order, command-line overrides, search markers, the shipped files."""
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
@@ -573,3 +574,25 @@ def test_one_value_check_leaves_lists_markers_and_every_shipped_config_alone():
 def test_pb_keys_point_at_the_translator():
     with pytest.raises(C.ConfigError, match="'loss_funcs' is a powerful-benchmarker key.*--from_pb"):
         C.check_keys({**C.load(), "loss_funcs": {"metric_loss": {"ContrastiveLoss": {}}}})
+
+
+def test_a_later_null_option_keeps_identities():
+    """transforms.train.pad was added as null after results existed: null leaves the run-folder key and the experiment
+    fingerprint as they were without the key; true changes both."""
+    from xml_plugin.protocol.configs import training_key, without_later_nulls
+    from xml_plugin.protocol.identity import result_view
+    from xml_plugin.protocol.experiment import method_config
+    from xml_plugin.engine.io import stable_hash
+    words = [("loss.name", "multi_similarity")]
+    cfg = C.load({}, words, presets=C.presets_for({}, words))
+    assert cfg["transforms"]["train"]["pad"] is None
+    ccfg = C.resolve(method_config(cfg, "xml"))
+    old = copy.deepcopy(ccfg)
+    del old["transforms"]["train"]["pad"]  # the config as it was before the option existed
+    assert stable_hash(training_key(ccfg)) == stable_hash(training_key(old))
+    assert without_later_nulls(result_view(ccfg)) == result_view(old)
+    assert ccfg["transforms"]["train"]["pad"] is None  # the config itself is not changed
+    on = copy.deepcopy(ccfg)
+    on["transforms"]["train"]["pad"] = True
+    assert stable_hash(training_key(on)) != stable_hash(training_key(old))
+    assert without_later_nulls(result_view(on)) != result_view(old)

@@ -50,15 +50,15 @@ class RandomCropPadToSquare:
 
 def train_transform(image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD, scale: Tuple[float, float] = (0.16, 1.0),
-                    flip: bool = True, pad: bool = False) -> T.Compose:
+                    flip: bool = True, pad: Optional[bool] = False) -> T.Compose:
     """Training views: RandomResizedCrop(image_size, scale), horizontal flip (unless ``flip=False``:
     a mirrored glyph or card is another glyph), ToTensor, Normalize(mean, std). ``pad=True``: the crop keeps the
     image's aspect ratio and is padded to a square instead of stretched (:class:`RandomCropPadToSquare`)."""
     _check_size(image_size)
     if not isinstance(flip, bool):
         raise ValueError(f"transforms.train.flip must be true or false, got {flip!r}")
-    if not isinstance(pad, bool):
-        raise ValueError(f"transforms.train.pad must be true or false, got {pad!r}")
+    if pad is not None and not isinstance(pad, bool):
+        raise ValueError(f"transforms.train.pad must be true, false or null, got {pad!r}")
     try:
         lo, hi = (float(v) for v in scale)
     except (TypeError, ValueError):

@@ -50,7 +50,29 @@ def _method_config(cfg, method, overrides):
     return C.merge(out, per_method.get(method) or {}), skipped
 
 
+# options added to the defaults as null after results existed: a null one is left out of every identity (run folders,
+# feature caches, experiment fingerprints), so the folders made before the option existed keep their names
+LATER_NULL_OPTIONS = (("transforms", "train", "pad"),)
+
+
+def without_later_nulls(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` without the null :data:`LATER_NULL_OPTIONS` (a copy when one is dropped, else ``cfg`` itself)."""
+    out = cfg
+    for *parents, last in LATER_NULL_OPTIONS:
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and node[last] is None:
+            out = copy.deepcopy(out) if out is cfg else out
+            node = out
+            for key in parents:
+                node = node[key]
+            del node[last]
+    return out
+
+
 def training_key(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a config that decides what a training run computes (not where results go, nor the budget)."""
+    cfg = without_later_nulls(cfg)
     return {k: v for k, v in cfg.items() if k not in ("general", "search", "cache", "eval", "report")} | {
         "cache_views": cfg.get("cache", {}).get("views")}

@@ -20,7 +20,7 @@ import torch
 from .. import config as C
 from .. import registry
 from ..engine.io import atomic_write_json, read_json, read_json_checked, stable_hash
-from .configs import METHOD_OVERRIDES
+from .configs import METHOD_OVERRIDES, without_later_nulls
 from .names import owns_study, study_name
 from .storage import damaged_storage, db_errors, open_storage
 
@@ -99,7 +99,7 @@ def fingerprint(state, dataset) -> Dict[str, Any]:
     the data set's content. ``general.searches`` and ``general.attribution`` are not in it: they add studies and run
     folders next to the existing ones and change none of them."""
     g = state.cfg["general"]
-    return {"methods": {m: result_view(state.method_config(m)) for m in state.methods},
+    return {"methods": {m: without_later_nulls(result_view(state.method_config(m))) for m in state.methods},
             "shared": {"resolved": state.resolved, "dataset": dataset.fingerprint(),
                        "budget": {"n_trials": g["n_trials"], "reproductions": g["reproductions"],
                                   "search_mode": state.search_mode, "seed": g.get("seed", 0)}}}

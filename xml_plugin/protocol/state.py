@@ -170,7 +170,11 @@ class ExperimentState:
                 print(advice, file=sys.stderr)
         ds_cfg = cfg["dataset"]
         ds_options = {**(ds_cfg.get("options_for") or {}).get(ds_cfg["name"], {}), **(ds_cfg.get("options") or {})}
-        dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **ds_options)
+        try:
+            dataset = get_dataset(ds_cfg["name"], root=ds_cfg.get("root"), **ds_options)
+        except ValueError as exc:  # a data set's constructor refuses an option's value before it builds anything
+            raise C.ConfigError(f"data set {ds_cfg['name']!r}: {exc} (dataset.options or "
+                                f"dataset.options_for.{ds_cfg['name']}; docs/data.md)") from None
         labels = np.asarray(dataset.labels, dtype=np.int64)
         split = protocol_splits(dataset, test_fraction=ds_cfg.get("test_fraction", 0.5),
                                 num_folds=ds_cfg.get("num_folds", 4), scheme=ds_cfg.get("split"))
@@ -179,7 +183,7 @@ class ExperimentState:
         k = frozen_blocks(cfg, trunk, device)
         tf_cfg = cfg.get("transforms", {})
         size = int(tf_cfg.get("image_size", 224))
-        train_opts = dict(tf_cfg.get("train") or {})
+        train_opts = {key: v for key, v in (tf_cfg.get("train") or {}).items() if v is not None}  # null pad: the old key
         eval_opts = dict(tf_cfg.get("eval") or {})
         try:
             train_tf = train_transform(size, trunk.mean, trunk.std, **train_opts)
