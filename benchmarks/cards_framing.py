@@ -49,6 +49,7 @@ def validation(words, seeds, workers: str, folder: Path, name: str) -> dict:
     from xml_plugin import config as C
     from xml_plugin.protocol.experiment import Experiment
     from xml_plugin.protocol.workers import FoldPool, resolve_workers
+    from xml_lambda import t_half_width
     base = [("general.experiment_folder", str(folder)), ("general.device", "cpu"), ("dataset.name", "cards"),
             ("loss.name", "multi_similarity"), ("general.methods", ["baseline"]), ("search.mode", "none"),
             ("trainer.logs", False)]
@@ -77,13 +78,6 @@ def validation(words, seeds, workers: str, folder: Path, name: str) -> dict:
     return {"val_map_at_r": float(np.mean(per_seed)), "ci95": t_half_width(per_seed), "per_seed": per_seed,
             "val_p_at_1": p1, "setup_seconds": round(setup_seconds, 1), "folds_seconds": round(time.perf_counter() - t0, 1),
             "workers": n}
-
-
-def t_half_width(values) -> float:
-    import math
-    from scipy import stats
-    v = np.asarray(values, dtype=float)
-    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
 def main() -> int:
