@@ -66,10 +66,12 @@ def test_data_set_presets_are_picked_for_the_data_set(dataset, mode):
     overrides = [("dataset.name", dataset)]
     cfg = C.load({}, overrides, presets=C.presets_for({}, overrides))
     assert cfg["transforms"]["eval"]["mode"] == mode
-    if dataset == "cards":  # the card keeps its corners: no flip, crops of at least half the card
-        assert cfg["transforms"]["train"] == {"scale": [0.5, 1.0], "flip": False}
+    if dataset == "cards":  # the card keeps its corners: no flip, crops of at least half the card, filling its frame
+        assert cfg["transforms"]["train"] == {"scale": [0.5, 1.0], "flip": False, "pad": None}
+        assert cfg["dataset"]["options_for"]["cards"] == {"framing": "fill"}
     if dataset in ("cub200", "sop"):  # the real data sets keep the protocol's transforms
-        assert cfg["transforms"]["train"] == {"scale": [0.16, 1.0], "flip": True}
+        assert cfg["transforms"]["train"] == {"scale": [0.16, 1.0], "flip": True, "pad": None}
+        assert "cards" not in cfg["dataset"]["options_for"]
     # the user's own words still win over a preset
     mine = overrides + [("transforms.eval.mode", "pad")]
     assert C.load({}, mine, presets=C.presets_for({}, mine))["transforms"]["eval"]["mode"] == "pad"
@@ -136,7 +138,8 @@ def test_the_default_run_gets_the_card_preset_and_a_real_data_set_the_protocol()
     sel = {"config_dataset": ["cub200"]}
     cub = C.load(sel, [], presets=C.presets_for(sel, []))
     assert cub["transforms"]["eval"]["mode"] == "center_crop" and cub["transforms"]["train"] == {"scale": [0.16, 1.0],
-                                                                                                  "flip": True}
+                                                                                                  "flip": True,
+                                                                                                  "pad": None}
 
 
 def test_the_eval_transform_is_part_of_the_cache_key(tiny_cfg):
@@ -153,6 +156,10 @@ def test_the_eval_transform_is_part_of_the_cache_key(tiny_cfg):
     # an option left unset (null) keeps the key of a config without it
     assert cache_of("crop_null", **{"transforms.eval.mode": "center_crop",
                                     "transforms.eval.short_side": None}).folder == crop.folder
+    assert cache_of("crop_pad_null", **{"transforms.eval.mode": "center_crop",
+                                        "transforms.train.pad": None}).folder == crop.folder
+    assert cache_of("crop_pad", **{"transforms.eval.mode": "center_crop",
+                                   "transforms.train.pad": True}).folder != crop.folder
 
 
 @pytest.mark.parametrize("key, value, words", [
