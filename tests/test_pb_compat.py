@@ -158,7 +158,8 @@ def test_pb_folder_translates_and_its_command_passes_print_config(tmp_path, caps
     assert cfg["trainer"]["patience"] == 9 and cfg["trainer"]["num_workers"] == 2
     assert cfg["dataset"]["name"] == "cub200" and cfg["dataset"]["split"] == "mlrc"
     assert cfg["dataset"]["num_folds"] == 4 and cfg["dataset"]["test_fraction"] == 0.5
-    assert cfg["transforms"]["image_size"] == 227 and cfg["transforms"]["train"] == {"scale": [0.16, 1.0], "flip": True}
+    assert cfg["transforms"]["image_size"] == 227 and cfg["transforms"]["train"] == {"scale": [0.16, 1.0], "flip": True,
+                                                                                                    "pad": None}
     assert cfg["transforms"]["eval"]["mode"] == "center_crop" and cfg["transforms"]["eval"]["short_side"] == 256
     assert cfg["eval"]["batch_size"] == 64
     assert not (tmp_path / "exps").exists()  # --print_config wrote nothing
